@@ -1,0 +1,74 @@
+"""Efficiency accounting: what a fit cost, for results.json and TensorBoard."""
+import time
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_modules.base import count_parameters
+
+
+def device_name(trainer: pl.Trainer) -> str:
+    device = trainer.strategy.root_device
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+class EfficiencyMonitor(pl.Callback):
+    """Records device, precision, epochs, samples per epoch, trainable params per stage, time, throughput, memory."""
+
+    def __init__(self):
+        self.fit_seconds = 0.0
+        self.train_seconds = 0.0
+        self.samples_seen = 0
+        self.epoch_samples = 0
+        self.train_samples_per_epoch = 0
+        self.trainable_per_epoch: dict[str, int] = {}
+
+    def state_dict(self) -> dict:  # a resumed fit keeps adding to the same totals
+        return {k: getattr(self, k) for k in ("fit_seconds", "train_seconds", "samples_seen",
+                                                "train_samples_per_epoch", "trainable_per_epoch")}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.__dict__.update(state_dict)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._fit_start = time.perf_counter()
+        if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.epoch_samples = 0
+        self._epoch_start = time.perf_counter()
+        trainable = count_parameters(pl_module)["trainable"]
+        last = list(self.trainable_per_epoch.values())[-1] if self.trainable_per_epoch else None
+        if trainable != last:  # a new stage (staged unfreezing) or the first epoch
+            self.trainable_per_epoch[str(trainer.current_epoch)] = trainable
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.epoch_samples += len(batch[1])
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        seconds = time.perf_counter() - self._epoch_start
+        self.train_seconds += seconds
+        self.samples_seen += self.epoch_samples
+        self.train_samples_per_epoch = self.epoch_samples * trainer.world_size
+        if seconds > 0:
+            pl_module.log("efficiency/images_per_s", self.epoch_samples * trainer.world_size / seconds)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.fit_seconds += time.perf_counter() - self._fit_start
+
+    def summary(self, trainer: pl.Trainer) -> dict:
+        device = trainer.strategy.root_device
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        return {
+            "device": device_name(trainer),
+            "devices": trainer.world_size,
+            "precision": str(trainer.precision),
+            "epochs": trainer.current_epoch,
+            "train_samples_per_epoch": self.train_samples_per_epoch,
+            "trainable_params_per_stage": self.trainable_per_epoch,
+            "fit_seconds": round(self.fit_seconds, 2),
+            "throughput_images_per_s": round(self.samples_seen * trainer.world_size / self.train_seconds, 1)
+            if self.train_seconds else None,
+            "peak_memory_mb": round(peak, 1) if peak is not None else None,
+        }

@@ -1,0 +1,176 @@
+"""The experiment CLI: one YAML config is one experiment.
+
+    python cli.py fit --config configs/quickstart.yaml
+    python cli.py fit --config configs/cifar100_cnn.yaml --config configs/ablations/no_batchnorm.yaml
+    python cli.py test --config configs/cifar100_clip.yaml
+    python cli.py fit --config configs/mnist_cnn.yaml --print_config
+"""
+import datetime
+import os
+import shutil
+import sys
+import warnings
+from typing import Optional
+
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ModelSummary
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from callbacks.efficiency import EfficiencyMonitor
+from callbacks.results import ResultsFile, run_fields
+from datamodules import ImageDataModule
+from errors import UserError
+from lightning_modules import ClassificationModule
+
+GPU_PRECISIONS = {"16-mixed", "bf16-mixed", "16", "bf16", "16-true", "bf16-true", "transformer-engine"}
+_created_run_dirs: list[str] = []  # removed again if the command fails before a checkpoint exists
+
+
+def run_version() -> str:
+    """SLURM job id (plus array task), so a requeued job continues in its folder; else a timestamp."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if os.environ.get("SLURM_JOB_ID"):
+        return os.environ["SLURM_JOB_ID"]
+    return os.environ.get("RUN_VERSION") or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def claim_run_dir(log_dir: str, experiment: str) -> str:
+    """Creates logs/<experiment>/<version>; `mkdir` is atomic, so concurrent runs never share one."""
+    parent = os.path.join(log_dir, experiment)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create the log directory {parent} ({error.strerror}); "
+                        "choose a writable one with --log_dir") from None
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"the log directory {parent} is not writable; choose another with --log_dir")
+    version = run_version()
+    if os.path.isdir(os.path.join(parent, version)) and (os.environ.get("SLURM_JOB_ID") or os.environ.get("RUN_VERSION")):
+        return os.path.join(parent, version)  # a requeued SLURM job or a DDP worker: same folder
+    base, n = version, 1
+    while True:
+        try:
+            os.mkdir(os.path.join(parent, version))
+            _created_run_dirs.append(os.path.join(parent, version))
+            os.environ["RUN_VERSION"] = version  # DDP workers started by Lightning inherit it
+            return os.path.join(parent, version)
+        except FileExistsError:
+            n += 1
+            version = f"{base}-{n}"
+
+
+class ExperimentCLI(LightningCLI):
+    """LightningCLI plus run directories, checkpoints, early stopping and results.json."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--experiment", type=str, default="experiment", help="name of the run folder under log_dir")
+        parser.add_argument("--variant", type=Optional[str], default=None, help="ablation/variant name, appended")
+        parser.add_argument("--log_dir", type=str, default="logs")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.monitor": "val/loss", "checkpoint.mode": "min", "checkpoint.save_last": True,
+                             "checkpoint.filename": "best-epoch{epoch:02d}", "checkpoint.auto_insert_metric_name": False})
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.set_defaults({"early_stopping.monitor": "val/loss", "early_stopping.patience": 5})
+        for key in ("num_classes", "input_shape", "class_names"):
+            parser.link_arguments("data", f"model.init_args.{key}", compute_fn=lambda dm, key=key: getattr(dm, key),
+                                  apply_on="instantiate")
+        parser.link_arguments("seed_everything", "data.init_args.seed")
+
+    def _config(self):
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    @property
+    def experiment_name(self) -> str:
+        config = self._config()
+        return config.experiment + (f"-{config.variant}" if config.variant else "")
+
+    def instantiate_trainer(self, **kwargs):
+        config = self._config()
+        trainer_config = config.trainer
+        if trainer_config.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            raise UserError("trainer.accelerator is gpu but this machine has no CUDA GPU; "
+                            "use --trainer.accelerator auto (or cpu)")
+        if str(trainer_config.precision) in GPU_PRECISIONS and not torch.cuda.is_available():
+            warnings.warn(f"precision {trainer_config.precision} needs a GPU; none here, so training in 32-true")
+            kwargs["precision"] = "32-true"
+        if trainer_config.max_epochs is not None and trainer_config.max_epochs <= 0 and trainer_config.max_epochs != -1:
+            raise UserError(f"trainer.max_epochs must be positive, got {trainer_config.max_epochs}")
+        if trainer_config.logger in (None, True):
+            run_dir = claim_run_dir(config.log_dir, self.experiment_name)
+            kwargs["logger"] = TensorBoardLogger(save_dir=config.log_dir, name=self.experiment_name,
+                                                 version=os.path.basename(run_dir), default_hp_metric=False)
+            kwargs.setdefault("default_root_dir", run_dir)  # SLURM's hpc checkpoints land here too
+        self.results = ResultsFile()
+        self.efficiency_summary = None
+        self.efficiency = EfficiencyMonitor()
+        extra_callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        extra_callbacks += [self.results, self.efficiency, ModelSummary(max_depth=3)]
+        return self._instantiate_trainer({**self._get(self.config_init, "trainer", default={}), **kwargs},
+                                         extra_callbacks)
+
+    def _write_results(self) -> None:
+        trainer, config = self.trainer, self._config()
+        path = os.path.join(trainer.log_dir, "results.json")
+        fields = run_fields(self.experiment_name, config.experiment, config.variant, self.model, self.datamodule,
+                            config.seed_everything, trainer.log_dir)
+        fields["efficiency"] = self.efficiency_summary or self.efficiency.summary(trainer)
+        callback = trainer.checkpoint_callback
+        if callback is not None and callback.best_model_path:
+            fields["checkpoints"] = {"best": callback.best_model_path, "last": callback.last_model_path}
+        self.results.write(path, **fields)
+        print(f"results: {path}")
+        print(f"Run directory: {trainer.log_dir}")
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if trainer.fast_dev_run or trainer.interrupted:
+            return
+        # snapshot now: testing a checkpoint restores the callback states saved inside it
+        self.efficiency_summary = self.efficiency.summary(trainer)
+        callback = trainer.checkpoint_callback
+        for tag, path in (("best", callback.best_model_path), ("last", callback.last_model_path)):
+            if path:
+                self.results.tag = tag
+                print(f"Testing the {tag} checkpoint: {path}")
+                trainer.test(self.model, datamodule=self.datamodule, ckpt_path=path)
+        if trainer.is_global_zero:
+            self._write_results()
+
+    def after_test(self) -> None:
+        if not self.trainer.fast_dev_run and self.trainer.is_global_zero and self.trainer.log_dir:
+            self._write_results()
+
+
+def user_error_in(error: BaseException) -> Optional[BaseException]:
+    """The UserError (or Lightning misconfiguration) behind an exception; jsonargparse wraps __init__ errors."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, (UserError, MisconfigurationException)):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def main(args=None) -> None:
+    torch.set_float32_matmul_precision("high")
+    try:
+        ExperimentCLI(ClassificationModule, ImageDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                      seed_everything_default=0, save_config_kwargs={"overwrite": True}, args=args,
+                      trainer_defaults={"use_distributed_sampler": False})
+    except Exception as error:
+        error = user_error_in(error)
+        if error is None:
+            raise
+        for run_dir in _created_run_dirs:  # leave nothing half-written behind
+            if not any(name.endswith(".ckpt") for _, _, files in os.walk(run_dir) for name in files):
+                shutil.rmtree(run_dir, ignore_errors=True)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Device-side batch transforms: uint8 (B, C, H, W) in, normalized float out, one draw per sample.
+
+torchvision's v2 transforms draw one set of random parameters per call (per batch); these draw
+per sample and apply them to the whole batch in one op. Random parameters come from a CPU
+generator (small tensors), so the augmentation stream is reproducible and can be checkpointed.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def random_crop_flip(x: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
+    """RandomCrop(size, padding, fill=0) + RandomHorizontalFlip, drawn per sample."""
+    B, C, H, W = x.shape
+    if padding > 0:
+        padded = F.pad(x, (padding, padding, padding, padding))  # (B, C, H+2p, W+2p)
+        offsets = torch.randint(0, 2 * padding + 1, (2, B), generator=generator).to(x.device)  # (2, B)
+        rows = offsets[0, :, None] + torch.arange(H, device=x.device)  # (B, H)
+        cols = offsets[1, :, None] + torch.arange(W, device=x.device)  # (B, W)
+        batch = torch.arange(B, device=x.device)[:, None, None, None]  # (B, 1, 1, 1)
+        chan = torch.arange(C, device=x.device)[None, :, None, None]  # (1, C, 1, 1)
+        x = padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W)
+    if hflip:
+        flip = (torch.rand(B, generator=generator) < 0.5).to(x.device)  # (B,)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # (B, C, H, W)
+    return x
+
+
+def random_affine(x: torch.Tensor, degrees: float, scale: Optional[tuple[float, float]],
+                  generator: torch.Generator) -> torch.Tensor:
+    """Per-sample rotation in [-degrees, degrees] and a random resized crop of area in `scale`.
+
+    One `affine_grid` + `grid_sample` (bilinear, zero fill) for the whole float batch.
+    """
+    B = x.shape[0]
+    angle = (torch.rand(B, generator=generator) * 2 - 1) * math.radians(degrees)  # (B,)
+    side = torch.ones(B)  # (B,) crop side as a fraction of the image side
+    shift = torch.zeros(2, B)  # (2, B) crop centre in normalized coordinates
+    if scale is not None:
+        area = scale[0] + torch.rand(B, generator=generator) * (scale[1] - scale[0])  # (B,)
+        side = area.sqrt()
+        shift = (torch.rand(2, B, generator=generator) * 2 - 1) * (1 - side)  # crop stays inside
+    cos, sin = angle.cos() * side, angle.sin() * side  # (B,)
+    theta = torch.stack([torch.stack([cos, -sin, shift[0]], 1), torch.stack([sin, cos, shift[1]], 1)], 1)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)  # (B, H, W, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Gray -> RGB by repetition, RGB -> gray with ITU-R 601 weights (torchvision's)."""
+    if x.shape[1] == channels:
+        return x
+    if channels == 3:
+        return x.expand(-1, 3, -1, -1)  # (B, 3, H, W), a view
+    return TF.rgb_to_grayscale(x, num_output_channels=1)  # (B, 1, H, W)
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Square bilinear resize with antialiasing (matters only when shrinking)."""
+    return TF.resize(x, [size, size], antialias=True)  # (B, C, size, size)

@@ -1,0 +1,81 @@
+"""Batches of uint8 tensors by index: one gather per batch, resumable mid-epoch."""
+from typing import Callable, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class TensorBatches(Dataset):
+    """Images (N, C, H, W) uint8 and labels (N,) int64, indexed a whole batch at a time."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]  # (B, C, H, W) uint8, (B,) int64
+
+
+class EpochBatchSampler(Sampler):
+    """Yields index batches; the order is a function of (seed, epoch) only, sharded by rank."""
+
+    def __init__(self, num_samples: int, batch_size: int, shuffle: bool, seed: int = 0,
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1):
+        self.num_samples, self.batch_size, self.shuffle = num_samples, batch_size, shuffle
+        self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
+        self.epoch = 0
+        self._resume: Optional[tuple[int, int]] = None  # (epoch, batches already consumed)
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
+        self.epoch = epoch
+
+    def resume(self, epoch: int, batches_done: int) -> None:
+        self._resume = (epoch, batches_done)
+
+    def _indices(self) -> torch.Tensor:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.num_samples, generator=generator)
+        else:
+            order = torch.arange(self.num_samples)
+        if self.world_size > 1:  # equal shards: the tail that does not divide evenly is dropped
+            usable = self.num_samples - self.num_samples % self.world_size
+            order = order[:usable][self.rank::self.world_size]
+        return order
+
+    def __len__(self) -> int:
+        per_rank = self.num_samples // self.world_size if self.world_size > 1 else self.num_samples
+        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+
+    def __iter__(self):
+        skip = 0
+        if self._resume is not None:
+            epoch, done = self._resume
+            skip = done if epoch == self.epoch else 0
+            self._resume = None
+        batches = list(self._indices().split(self.batch_size))
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        yield from batches[skip:]
+
+
+class BatchLoader(DataLoader):
+    """A DataLoader over whole index batches with `state_dict()` so Lightning can resume mid-epoch.
+
+    `progress` returns how many batches of the current epoch training has consumed; the loader itself
+    cannot know, because Lightning pre-fetches one batch ahead.
+    """
+
+    def __init__(self, dataset: TensorBatches, sampler: EpochBatchSampler, pin_memory: bool = False,
+                 progress: Optional[Callable[[], int]] = None):
+        super().__init__(dataset, batch_size=None, sampler=sampler, pin_memory=pin_memory)
+        self.progress = progress
+
+    def state_dict(self) -> dict:
+        done = self.progress() if self.progress is not None else 0
+        return {"epoch": self.sampler.epoch, "batches_done": done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.resume(state["epoch"], state["batches_done"])

@@ -1,0 +1,154 @@
+"""The classification base every model shares: loss, metrics per stage, optimizer and schedule."""
+import math
+from typing import Literal, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score,
+                                         MulticlassPrecision, MulticlassRecall)
+
+from errors import UserError
+
+
+def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    return MetricCollection({
+        "acc": MulticlassAccuracy(num_classes, average="micro"),  # top-1 over all samples
+        "precision_macro": MulticlassPrecision(num_classes, average="macro"),
+        "recall_macro": MulticlassRecall(num_classes, average="macro"),
+        "f1_macro": MulticlassF1Score(num_classes, average="macro"),
+    }, prefix=prefix)
+
+
+def count_parameters(module: nn.Module) -> dict[str, int]:
+    return {"total": sum(p.numel() for p in module.parameters()),
+            "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad)}
+
+
+class ClassificationModule(pl.LightningModule):
+    """Cross-entropy classification with torchmetrics per stage; subclasses build `self.net`."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,  # linked from the datamodule
+        input_shape: tuple[int, int, int] = (1, 28, 28),  # linked from the datamodule
+        class_names: Optional[list[str]] = None,  # linked from the datamodule
+        optimizer: Literal["adamw", "adam", "sgd"] = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,  # SGD only
+        nesterov: bool = False,  # SGD only
+        scheduler: Literal["none", "cosine", "onecycle", "step"] = "cosine",
+        warmup_epochs: float = 0.0,  # linear warmup before the cosine decay
+        step_size: int = 10,  # epochs between decays ("step")
+        gamma: float = 0.1,  # decay factor ("step")
+        label_smoothing: float = 0.0,
+        max_params: Optional[int] = None,  # parameter budget, e.g. 5_000_000 for the CIFAR-100 assignment
+    ):
+        super().__init__()
+        if lr <= 0:
+            raise UserError(f"learning rate must be positive, got lr={lr}; set --model.lr to e.g. 1e-3")
+        if num_classes < 2:
+            raise UserError(f"num_classes must be at least 2, got {num_classes}")
+        self.save_hyperparameters(ignore=["class_names"])
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        if len(self.class_names) != num_classes:
+            raise UserError(f"num_classes={num_classes} disagrees with the data's {len(self.class_names)} classes; "
+                            "remove the num_classes override (it is linked from the datamodule)")
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.train_metrics = MulticlassAccuracy(num_classes, average="micro")
+        self.val_metrics = classification_metrics(num_classes, "val/")
+        self.test_metrics = classification_metrics(num_classes, "test/")
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        self.example_input_array = torch.zeros(2, *input_shape)  # per-layer shapes in the model summary
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def check_parameter_budget(self) -> None:
+        count = count_parameters(self)["trainable"]
+        limit = self.hparams.max_params
+        if limit is not None and count > limit:
+            raise UserError(f"{type(self).__name__} has {count:,} trainable parameters, over the budget of "
+                            f"{limit:,} (max_params); make it narrower or raise max_params")
+
+    def setup(self, stage: str) -> None:
+        self.check_parameter_budget()
+
+    def on_train_start(self) -> None:
+        counts = count_parameters(self)
+        self.print(f"{type(self).__name__}: {counts['total']:,} parameters, {counts['trainable']:,} trainable")
+        for logger in self.loggers:
+            logger.log_metrics({f"params/{key}": float(value) for key, value in counts.items()}, step=self.global_step)
+
+    # ---- one step shared by all stages ----
+    def model_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images, labels = batch
+        logits = self(images)
+        return self.criterion(logits, labels), logits, labels
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss, logits, labels = self.model_step(batch)
+        self.train_metrics(logits, labels)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_metrics, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        loss, logits, labels = self.model_step(batch)
+        self.val_metrics.update(logits, labels)
+        self.log("val/loss", loss, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self.val_metrics.compute()
+        self.log("val/acc", metrics.pop("val/acc"), prog_bar=True)
+        self.log_dict(metrics)
+        self.val_metrics.reset()
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        loss, logits, labels = self.model_step(batch)
+        self.test_metrics.update(logits, labels)
+        self.test_confusion.update(logits, labels)
+        self.log("test/loss", loss)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute())
+        self.test_metrics.reset()
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        images, labels = batch
+        probs = F.softmax(self(images), dim=-1)
+        return {"pred": probs.argmax(-1), "prob": probs.max(-1).values, "target": labels}
+
+    # ---- optimizer and schedule from YAML ----
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
+                                        weight_decay=hp.weight_decay)
+        else:
+            cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
+            optimizer = cls(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.scheduler == "none":
+            return optimizer
+        if hp.scheduler == "step":
+            return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(
+                optimizer, step_size=hp.step_size, gamma=hp.gamma)}
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        if hp.scheduler == "onecycle":
+            schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=total)
+        else:
+            warmup = int(hp.warmup_epochs * total / max(1, self.trainer.max_epochs or 1))
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_with_warmup(step, warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
+    """LR multiplier: linear from ~0 to 1 over `warmup` steps, then cosine to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1 + math.cos(math.pi * progress))

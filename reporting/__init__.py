@@ -1,0 +1,1 @@
+"""Turn finished runs (logs/<experiment>/<version>/results.json) into Markdown tables; see report.py."""

@@ -1,0 +1,24 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tests.fixtures import write_all  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _cifar_checksums_of_generated_files(monkeypatch):
+    """Generated CIFAR pickles cannot match the published md5 sums: skip only that check, never the parser."""
+    import torchvision.datasets.cifar as cifar
+
+    monkeypatch.setattr(cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("data"))
+    write_all(root)
+    return root
