@@ -9,22 +9,21 @@ import datetime
 import os
 import shutil
 import sys
-import warnings
 from typing import Optional
 
 import torch
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ModelSummary
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks.efficiency import EfficiencyMonitor
 from callbacks.results import ResultsFile, run_fields
 from datamodules import ImageDataModule
-from errors import UserError
+from errors import UserError, one_line_parse_error, user_error_in
 from lightning_modules import ClassificationModule
 
 GPU_PRECISIONS = {"16-mixed", "bf16-mixed", "16", "bf16", "16-true", "bf16-true", "transformer-engine"}
+_subcommand = ["fit"]  # for the "see python cli.py fit --help" hint
 _created_run_dirs: list[str] = []  # removed again if the command fails before a checkpoint exists
 
 
@@ -34,7 +33,13 @@ def run_version() -> str:
         return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     if os.environ.get("SLURM_JOB_ID"):
         return os.environ["SLURM_JOB_ID"]
-    return os.environ.get("RUN_VERSION") or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if is_worker_process() and os.environ.get("RUN_VERSION"):
+        return os.environ["RUN_VERSION"]  # chosen by rank 0, which started this DDP worker
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def is_worker_process() -> bool:
+    return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
 
 
 def claim_run_dir(log_dir: str, experiment: str) -> str:
@@ -48,7 +53,7 @@ def claim_run_dir(log_dir: str, experiment: str) -> str:
     if not os.access(parent, os.W_OK):
         raise UserError(f"the log directory {parent} is not writable; choose another with --log_dir")
     version = run_version()
-    if os.path.isdir(os.path.join(parent, version)) and (os.environ.get("SLURM_JOB_ID") or os.environ.get("RUN_VERSION")):
+    if os.path.isdir(os.path.join(parent, version)) and (os.environ.get("SLURM_JOB_ID") or is_worker_process()):
         return os.path.join(parent, version)  # a requeued SLURM job or a DDP worker: same folder
     base, n = version, 1
     while True:
@@ -60,6 +65,16 @@ def claim_run_dir(log_dir: str, experiment: str) -> str:
         except FileExistsError:
             n += 1
             version = f"{base}-{n}"
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """Config mistakes become one line (`error: ...`) instead of a page of usage."""
+
+    def error(self, message: str, ex=None):
+        if not self.exit_on_error:  # jsonargparse is probing (e.g. a Union type): let it catch this
+            return super().error(message, ex)
+        print(f"error: {one_line_parse_error(message, _subcommand[0])}", file=sys.stderr)
+        sys.exit(2)
 
 
 class ExperimentCLI(LightningCLI):
@@ -87,14 +102,23 @@ class ExperimentCLI(LightningCLI):
         config = self._config()
         return config.experiment + (f"-{config.variant}" if config.variant else "")
 
+    def before_instantiate_classes(self) -> None:
+        init_args = self._config().model.init_args
+        self.given_num_classes = init_args.get("num_classes") if init_args is not None else None
+
     def instantiate_trainer(self, **kwargs):
         config = self._config()
+        data_classes = getattr(self.datamodule, "num_classes", None)
+        if self.given_num_classes is not None and self.given_num_classes != data_classes:
+            raise UserError(f"model.num_classes={self.given_num_classes} disagrees with the data's {data_classes} "
+                            "classes; remove the override (cli.py links num_classes from the datamodule)")
         trainer_config = config.trainer
         if trainer_config.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
             raise UserError("trainer.accelerator is gpu but this machine has no CUDA GPU; "
                             "use --trainer.accelerator auto (or cpu)")
         if str(trainer_config.precision) in GPU_PRECISIONS and not torch.cuda.is_available():
-            warnings.warn(f"precision {trainer_config.precision} needs a GPU; none here, so training in 32-true")
+            print(f"warning: precision {trainer_config.precision} needs a GPU and there is none; training in 32-true",
+                  file=sys.stderr)
             kwargs["precision"] = "32-true"
         if trainer_config.max_epochs is not None and trainer_config.max_epochs <= 0 and trainer_config.max_epochs != -1:
             raise UserError(f"trainer.max_epochs must be positive, got {trainer_config.max_epochs}")
@@ -144,22 +168,14 @@ class ExperimentCLI(LightningCLI):
             self._write_results()
 
 
-def user_error_in(error: BaseException) -> Optional[BaseException]:
-    """The UserError (or Lightning misconfiguration) behind an exception; jsonargparse wraps __init__ errors."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, (UserError, MisconfigurationException)):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def main(args=None) -> None:
+def main(args=None, run: bool = True) -> ExperimentCLI:
     torch.set_float32_matmul_precision("high")
+    argv = sys.argv[1:] if args is None else args
+    _subcommand[0] = argv[0] if run and argv and not argv[0].startswith("-") else "fit"
     try:
-        ExperimentCLI(ClassificationModule, ImageDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                      seed_everything_default=0, save_config_kwargs={"overwrite": True}, args=args,
+        cli = ExperimentCLI(ClassificationModule, ImageDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                      seed_everything_default=0, parser_class=OneLineErrorParser,
+                      save_config_kwargs={"overwrite": True}, args=args, run=run,
                       trainer_defaults={"use_distributed_sampler": False})
     except Exception as error:
         error = user_error_in(error)
@@ -168,8 +184,15 @@ def main(args=None) -> None:
         for run_dir in _created_run_dirs:  # leave nothing half-written behind
             if not any(name.endswith(".ckpt") for _, _, files in os.walk(run_dir) for name in files):
                 shutil.rmtree(run_dir, ignore_errors=True)
+        _created_run_dirs.clear()
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    smoke_test = run and getattr(cli, "trainer", None) is not None and cli.trainer.fast_dev_run
+    for run_dir in _created_run_dirs:
+        if smoke_test or not any(files for _, _, files in os.walk(run_dir)):
+            shutil.rmtree(run_dir, ignore_errors=True)  # fast_dev_run is a smoke test: it leaves no run folder
+    _created_run_dirs.clear()
+    return cli
 
 
 if __name__ == "__main__":

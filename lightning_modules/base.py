@@ -32,7 +32,7 @@ class ClassificationModule(pl.LightningModule):
 
     def __init__(
         self,
-        num_classes: int = 10,  # linked from the datamodule
+        num_classes: Optional[int] = None,  # linked from the datamodule
         input_shape: tuple[int, int, int] = (1, 28, 28),  # linked from the datamodule
         class_names: Optional[list[str]] = None,  # linked from the datamodule
         optimizer: Literal["adamw", "adam", "sgd"] = "adamw",
@@ -48,11 +48,16 @@ class ClassificationModule(pl.LightningModule):
         max_params: Optional[int] = None,  # parameter budget, e.g. 5_000_000 for the CIFAR-100 assignment
     ):
         super().__init__()
+        if num_classes is None:
+            if not class_names:
+                raise UserError("the model needs num_classes or class_names (cli.py links both from the data)")
+            num_classes = len(class_names)
         if lr <= 0:
             raise UserError(f"learning rate must be positive, got lr={lr}; set --model.lr to e.g. 1e-3")
         if num_classes < 2:
             raise UserError(f"num_classes must be at least 2, got {num_classes}")
         self.save_hyperparameters(ignore=["class_names"])
+        self.hparams.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         if len(self.class_names) != num_classes:
             raise UserError(f"num_classes={num_classes} disagrees with the data's {len(self.class_names)} classes; "

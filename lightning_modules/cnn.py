@@ -80,7 +80,7 @@ class CNN(ClassificationModule):
         try:  # H_out = floor((H_in + 2P - K)/S + 1) per conv, then // pool_size per pool
             with torch.no_grad():
                 shape = features(torch.zeros(1, *self.hparams.input_shape)).shape  # (1, C, H, W)
-        except RuntimeError:
+        except (RuntimeError, ValueError):  # a conv or pool found its input smaller than its kernel
             shape = (0, 0, 0, 0)
         if min(shape[1:]) < 1:
             raise UserError(f"{len(channels)} conv blocks shrink a {tuple(self.hparams.input_shape)} input to "

@@ -1,0 +1,127 @@
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import cli
+from tests.conftest import ROOT
+
+EXPERIMENTS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+ABLATIONS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "ablations", "*.yaml")))
+
+
+def fixture_args(data_dir, log_dir):
+    return ["--data.init_args.data_dir", data_dir, "--data.init_args.download", "false",
+            "--data.init_args.val_size", "0.2", "--trainer.accelerator", "cpu", "--log_dir", str(log_dir)]
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "cli.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS)
+def test_every_config_runs_fast_dev_run_on_fixtures(config, data_dir, tmp_path):
+    cli.main(["fit", "--config", f"configs/{config}", "--trainer.fast_dev_run", "true",
+              *fixture_args(data_dir, tmp_path)])
+    assert not glob.glob(str(tmp_path / "*" / "*"))  # fast_dev_run leaves no run directory
+
+
+@pytest.mark.parametrize("overlay", ABLATIONS)
+def test_ablation_overlays_change_one_switch_and_run(overlay, data_dir, tmp_path):
+    base = cli.main(["--config", "configs/cifar100_cnn.yaml", *fixture_args(data_dir, tmp_path)], run=False)
+    ablated = cli.main(["--config", "configs/cifar100_cnn.yaml", "--config", f"configs/ablations/{overlay}",
+                        "--trainer.fast_dev_run", "true", *fixture_args(data_dir, tmp_path)], run=False)
+    changed = {k for k in base.model.hparams if base.model.hparams[k] != ablated.model.hparams[k]}
+    assert len(changed) == 1, changed
+    assert ablated.experiment_name == f"cifar100_cnn-{overlay[:-5]}"
+    ablated.trainer.fit(ablated.model, datamodule=ablated.datamodule)
+
+
+def test_print_config_works_for_every_config():
+    for config in EXPERIMENTS:
+        result = run_cli("fit", "--config", f"configs/{config}", "--print_config")
+        assert result.returncode == 0, result.stderr
+        assert "class_path: lightning_modules." in result.stdout
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end(tmp_path):
+    result = run_cli("fit", "--config", "configs/quickstart.yaml", "--log_dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    last_line = result.stdout.strip().splitlines()[-1]
+    run_dir = last_line.removeprefix("Run directory: ")
+    assert last_line.startswith("Run directory: ") and os.path.isdir(run_dir)
+    assert glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
+    assert os.path.isfile(os.path.join(run_dir, "checkpoints", "last.ckpt"))
+    assert glob.glob(os.path.join(run_dir, "checkpoints", "best-*.ckpt"))
+    assert os.path.isfile(os.path.join(run_dir, "config.yaml"))
+    results = json.load(open(os.path.join(run_dir, "results.json")))
+    assert results["experiment"] == "quickstart" and results["dataset"] == "digits" and results["model"] == "CNN"
+    assert set(results["test"]) == {"best", "last"}
+    assert set(results["test"]["best"]) >= {"acc", "precision_macro", "recall_macro", "f1_macro", "loss"}
+    assert results["test"]["best"]["acc"] >= 0.95
+    assert results["params"]["total"] == results["params"]["trainable"] > 0
+    assert results["efficiency"]["epochs"] > 0 and results["efficiency"]["fit_seconds"] > 0
+    printed = [float(v) for v in re.findall(r"test/acc\s*│\s*([0-9.]+)", result.stdout)]
+    assert printed == pytest.approx([results["test"]["best"]["acc"], results["test"]["last"]["acc"]], abs=1e-6)
+
+
+def test_same_seed_gives_identical_metrics(tmp_path):
+    metrics = []
+    for _ in range(2):
+        run = cli.main(["fit", "--config", "configs/quickstart.yaml", "--trainer.max_epochs", "2",
+                        "--log_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
+        metrics.append(json.load(open(os.path.join(run.trainer.log_dir, "results.json")))["test"])
+    assert metrics[0] == metrics[1]
+    assert len(os.listdir(tmp_path / "quickstart")) == 2  # two distinct run directories
+
+
+def _assert_one_line_error(result, pattern, log_dir):
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.search(pattern, errors[0]), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not glob.glob(os.path.join(str(log_dir), "*", "*"))  # no run directory left behind
+
+
+BAD_INPUTS = [
+    (["--model.init_args.bogus", "1"], r"Option 'bogus' is not accepted"),
+    (["--data.class_path", "datamodules.CIFAR11DataModule"], r"unknown class_path 'datamodules.CIFAR11DataModule'; valid"),
+    (["--model.init_args.max_params", "1000"], r"over the budget of 1,000"),
+    (["--model.init_args.lr", "-1"], r"learning rate must be positive"),
+    (["--model.init_args.num_classes", "12"], r"num_classes=12 disagrees with the data's 10"),
+]
+
+
+@pytest.mark.parametrize("args, pattern", BAD_INPUTS)
+def test_bad_input_is_one_line_and_leaves_nothing(args, pattern, tmp_path):
+    result = run_cli("fit", "--config", "configs/quickstart.yaml", "--log_dir", str(tmp_path), *args)
+    _assert_one_line_error(result, pattern, tmp_path)
+
+
+def test_unknown_key_in_a_config_file(tmp_path):
+    overlay = tmp_path / "typo.yaml"
+    overlay.write_text("trainer:\n  max_epoch: 3\n")
+    result = run_cli("fit", "--config", "configs/quickstart.yaml", "--config", str(overlay), "--log_dir", str(tmp_path))
+    _assert_one_line_error(result, r"max_epoch", tmp_path)
+
+
+def test_misspelled_emnist_split_and_missing_data_offline(tmp_path):
+    args = ["fit", "--config", "configs/mnist_cnn.yaml", "--log_dir", str(tmp_path / "logs"),
+            "--data.init_args.data_dir", str(tmp_path / "empty")]
+    result = run_cli(*args, "--data.init_args.download", "false")
+    _assert_one_line_error(result, r"mnist not found in .*empty.*python -m datamodules.download mnist", tmp_path / "logs")
+    result = run_cli("fit", "--data", "datamodules.EMNISTDataModule", "--data.split", "byclas",
+                     "--model", "lightning_modules.MLP", "--log_dir", str(tmp_path / "logs"))
+    _assert_one_line_error(result, r"byclas", tmp_path / "logs")
+
+
+def test_log_dir_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = run_cli("fit", "--config", "configs/quickstart.yaml", "--log_dir", str(blocker / "logs"))
+    _assert_one_line_error(result, r"cannot create the log directory .*--log_dir", tmp_path / "nothing")

@@ -1,0 +1,57 @@
+import pytest
+import torch
+from torch import nn
+
+from errors import UserError
+from lightning_modules import CNN, MLP
+from lightning_modules.base import count_parameters
+
+
+def test_table2_cnn_has_exactly_390410_parameters():
+    model = CNN(channels=[32, 64, 128], kernel_size=5, padding=2, batch_norm=False, head_hidden=[64],
+                num_classes=10, input_shape=(3, 32, 32))
+    assert count_parameters(model)["total"] == 390_410
+    assert model.net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert model.feature_shape == (128, 4, 4)
+
+
+def test_convnet_12_24_48_with_batchnorm_and_64_unit_head():
+    model = CNN(channels=[12, 24, 48], batch_norm=True, head_hidden=[64], num_classes=10, input_shape=(3, 32, 32))
+    assert model.feature_shape == (48, 4, 4)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 3
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [(l.in_features, l.out_features) for l in linears] == [(768, 64), (64, 10)]
+
+
+def test_mlp_uses_only_linear_norm_dropout_and_activations():
+    model = MLP(hidden=[64, 32], num_classes=10, input_shape=(3, 32, 32))
+    allowed = (nn.Linear, nn.BatchNorm1d, nn.LayerNorm, nn.Dropout, nn.ReLU, nn.Flatten, nn.Sequential)
+    assert all(isinstance(m, allowed) for m in model.net.modules())
+    assert model(torch.zeros(4, 3, 32, 32)).shape == (4, 10)
+
+
+def test_residual_switch_only_removes_the_skip():
+    kwargs = dict(channels=[8, 16], extra_convs=1, num_classes=10, input_shape=(3, 32, 32))
+    torch.manual_seed(0)
+    with_skip = CNN(residual=True, **kwargs)
+    without = CNN(residual=False, **kwargs)
+    without.load_state_dict(with_skip.state_dict())  # identical parameters
+    with_skip.eval(), without.eval()
+    x = torch.randn(2, 3, 32, 32)
+    block = with_skip.net.features[0]
+    h = block.conv(x)
+    assert torch.allclose(with_skip.net.features[0](x), block.pool(h + block.extra(h)))
+    assert torch.allclose(without.net.features[0](x), block.pool(block.extra(h)))
+
+
+def test_parameter_budget_error_names_count_and_limit():
+    model = CNN(channels=[32, 64], num_classes=10, input_shape=(1, 28, 28), max_params=1000)
+    with pytest.raises(UserError, match=r"CNN has [\d,]+ trainable parameters, over the budget of 1,000"):
+        model.check_parameter_budget()
+
+
+def test_bad_hyperparameters_are_clear_errors():
+    with pytest.raises(UserError, match="learning rate must be positive"):
+        MLP(lr=0.0, num_classes=10)
+    with pytest.raises(UserError, match="shrink"):
+        CNN(channels=[8, 8, 8, 8], num_classes=10, input_shape=(1, 8, 8))
