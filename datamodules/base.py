@@ -64,6 +64,8 @@ class ImageDataModule(pl.LightningDataModule):
         self.augment_generator = torch.Generator().manual_seed(seed)
         self.splits: dict[str, TensorBatches] = {}
         self.mean = self.std = None
+        self._train_loader: Optional[BatchLoader] = None
+        self._pending_loader_state: Optional[dict] = None
 
     # ---- what the model is told ----
     @property
@@ -174,7 +176,10 @@ class ImageDataModule(pl.LightningDataModule):
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
 
     def train_dataloader(self) -> BatchLoader:
-        return self._loader("train", train=True)
+        self._train_loader = self._loader("train", train=True)
+        if self._pending_loader_state is not None:
+            self._train_loader.load_state_dict(self._pending_loader_state)
+        return self._train_loader
 
     def val_dataloader(self) -> BatchLoader:
         return self._loader("val", train=False)
@@ -209,10 +214,18 @@ class ImageDataModule(pl.LightningDataModule):
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
 
-    # the augmentation stream travels in checkpoints, so a resumed run draws what it would have drawn
+    # The augmentation stream and the position in the epoch travel in checkpoints, so a resumed run
+    # draws and reads what it would have. (The loader's own state is not enough: Lightning skips
+    # restoring it when the loader was built early, e.g. for `estimated_stepping_batches`.)
     def state_dict(self) -> dict:
-        return {"augment_generator": self.augment_generator.get_state()}
+        state = {"augment_generator": self.augment_generator.get_state()}
+        if self._train_loader is not None:
+            state["train_loader"] = self._train_loader.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         if "augment_generator" in state_dict:
             self.augment_generator.set_state(state_dict["augment_generator"])
+        self._pending_loader_state = state_dict.get("train_loader")
+        if self._train_loader is not None and self._pending_loader_state is not None:
+            self._train_loader.load_state_dict(self._pending_loader_state)

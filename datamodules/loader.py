@@ -51,10 +51,12 @@ class EpochBatchSampler(Sampler):
 
     def __iter__(self):
         skip = 0
-        if self._resume is not None:
+        if self._resume is not None:  # Lightning may iterate once before set_epoch: keep it until the epoch comes
             epoch, done = self._resume
-            skip = done if epoch == self.epoch else 0
-            self._resume = None
+            if epoch == self.epoch:
+                skip, self._resume = done, None
+            elif self.epoch > epoch:
+                self._resume = None
         batches = list(self._indices().split(self.batch_size))
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
@@ -70,7 +72,10 @@ class BatchLoader(DataLoader):
 
     def __init__(self, dataset: TensorBatches, sampler: EpochBatchSampler, pin_memory: bool = False,
                  progress: Optional[Callable[[], int]] = None):
-        super().__init__(dataset, batch_size=None, sampler=sampler, pin_memory=pin_memory)
+        # its own generator: DataLoader draws a base seed per iterator, which must not consume the
+        # global RNG (dropout's), or a resumed run would draw different dropout masks
+        super().__init__(dataset, batch_size=None, sampler=sampler, pin_memory=pin_memory,
+                         generator=torch.Generator())
         self.progress = progress
 
     def state_dict(self) -> dict:

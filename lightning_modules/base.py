@@ -127,6 +127,19 @@ class ClassificationModule(pl.LightningModule):
         probs = F.softmax(self(images), dim=-1)
         return {"pred": probs.argmax(-1), "prob": probs.max(-1).values, "target": labels}
 
+    # ---- exact resume: Lightning does not store the global RNG states (dropout draws) by itself ----
+    # (torch's states only: byte tensors, loadable with weights_only=True)
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            checkpoint["cuda_rng_states"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])
+        if "cuda_rng_states" in checkpoint and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["cuda_rng_states"])
+
     # ---- optimizer and schedule from YAML ----
     def configure_optimizers(self):
         hp = self.hparams
