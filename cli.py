@@ -15,9 +15,13 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.efficiency import EfficiencyMonitor
+from callbacks.figures import Figures
 from callbacks.results import ResultsFile, run_fields
+from callbacks.safety import NonFiniteLossGuard, SafeInterrupt, TrainingDiverged
 from datamodules import ImageDataModule
 from errors import UserError, one_line_parse_error, user_error_in
 from lightning_modules import ClassificationModule
@@ -89,6 +93,7 @@ class ExperimentCLI(LightningCLI):
                              "checkpoint.filename": "best-epoch{epoch:02d}", "checkpoint.auto_insert_metric_name": False})
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.set_defaults({"early_stopping.monitor": "val/loss", "early_stopping.patience": 5})
+        parser.add_lightning_class_args(Figures, "figures")  # PNGs + TensorBoard; figures.enabled: false turns off
         for key in ("num_classes", "input_shape", "class_names"):
             parser.link_arguments("data", f"model.init_args.{key}", compute_fn=lambda dm, key=key: getattr(dm, key),
                                   apply_on="instantiate")
@@ -130,8 +135,12 @@ class ExperimentCLI(LightningCLI):
         self.results = ResultsFile()
         self.efficiency_summary = None
         self.efficiency = EfficiencyMonitor()
+        self.interrupt = SafeInterrupt()
         extra_callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
-        extra_callbacks += [self.results, self.efficiency, ModelSummary(max_depth=3)]
+        extra_callbacks += [self.results, self.efficiency, ModelSummary(max_depth=3), NonFiniteLossGuard(),
+                            self.interrupt]
+        if os.environ.get("SLURM_JOB_ID") and trainer_config.plugins is None:
+            kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]  # SafeInterrupt requeues at a safe point
         return self._instantiate_trainer({**self._get(self.config_init, "trainer", default={}), **kwargs},
                                          extra_callbacks)
 
@@ -147,6 +156,27 @@ class ExperimentCLI(LightningCLI):
         self.results.write(path, **fields)
         print(f"results: {path}")
         print(f"Run directory: {trainer.log_dir}")
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning rebuilds the model from the checkpoint's saved init args; a bad file is one line."""
+        try:
+            super()._parse_ckpt_path()
+        except Exception as error:
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserError(f"cannot read the checkpoint {path} ({first_line}); is it a complete .ckpt file "
+                            "written by this project?") from None
+
+    def _check_ckpt_path(self) -> None:
+        config_init = self.config_init[self.subcommand]
+        if config_init.get("weights_only") is None:
+            config_init["weights_only"] = True  # our checkpoints hold tensors and plain values only
+        path = self._config().get("ckpt_path")
+        if path and path not in ("best", "last", "hpc", "registry") and not os.path.isfile(path):
+            raise UserError(f"checkpoint {path} does not exist; runs keep theirs in logs/<experiment>/<version>/"
+                            "checkpoints/")
+
+    before_fit = before_validate = before_test = before_predict = _check_ckpt_path
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -177,12 +207,15 @@ def main(args=None, run: bool = True) -> ExperimentCLI:
                       seed_everything_default=0, parser_class=OneLineErrorParser,
                       save_config_kwargs={"overwrite": True}, args=args, run=run,
                       trainer_defaults={"use_distributed_sampler": False})
+    except SIGTERMException:  # Ctrl-C, SIGTERM or SLURM's SIGUSR1: a checkpoint was saved at a safe point
+        _created_run_dirs.clear()
+        sys.exit(0 if os.environ.get("SLURM_JOB_ID") else 130)
     except Exception as error:
         error = user_error_in(error)
         if error is None:
             raise
         for run_dir in _created_run_dirs:  # leave nothing half-written behind
-            if not any(name.endswith(".ckpt") for _, _, files in os.walk(run_dir) for name in files):
+            if not isinstance(error, TrainingDiverged) and not any(name.endswith(".ckpt") for _, _, files in os.walk(run_dir) for name in files):
                 shutil.rmtree(run_dir, ignore_errors=True)
         _created_run_dirs.clear()
         print(f"error: {error}", file=sys.stderr)

@@ -118,6 +118,9 @@ class ClassificationModule(pl.LightningModule):
         self.test_confusion.update(logits, labels)
         self.log("test/loss", loss)
 
+    def on_test_epoch_start(self) -> None:
+        self.test_confusion.reset()  # kept after the epoch (figures read it), so a second test starts from zero
+
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.test_metrics.compute())
         self.test_metrics.reset()
@@ -130,11 +133,16 @@ class ClassificationModule(pl.LightningModule):
     # ---- exact resume: Lightning does not store the global RNG states (dropout draws) by itself ----
     # (torch's states only: byte tensors, loadable with weights_only=True)
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["model_class"] = type(self).__name__
         checkpoint["torch_rng_state"] = torch.get_rng_state()
         if torch.cuda.is_available():
             checkpoint["cuda_rng_states"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("model_class", type(self).__name__)
+        if saved != type(self).__name__:
+            raise UserError(f"the checkpoint was saved by a {saved} model but this config builds a "
+                            f"{type(self).__name__}; use the config.yaml saved next to that checkpoint's run")
         if "torch_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng_state"])
         if "cuda_rng_states" in checkpoint and torch.cuda.is_available():

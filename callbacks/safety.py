@@ -1,0 +1,90 @@
+"""Stopping safely: a diverged loss, Ctrl-C / SIGTERM, and SLURM's pre-timeout signal.
+
+Every stop happens at a safe point (between two training batches), where a checkpoint holds
+exactly the completed steps, so a resumed run loses and repeats nothing.
+"""
+import os
+import signal
+import subprocess
+import sys
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from errors import UserError
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+class NonFiniteLossGuard(pl.Callback):
+    """Stops at the first non-finite training loss, before any checkpoint can store broken weights."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not torch.isfinite(loss).all():  # one host sync per step
+            last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+            raise TrainingDiverged(f"the training loss became {loss.item()} in training step {trainer.global_step} "
+                                   f"(epoch {trainer.current_epoch}, batch {batch_idx}); {kept}; lower "
+                                   "the learning rate or use gradient clipping (--trainer.gradient_clip_val 1.0)")
+
+
+class SafeInterrupt(pl.Callback):
+    """Ctrl-C, SIGTERM and SLURM's SIGUSR1 stop between batches and save a checkpoint there.
+
+    Off SLURM the checkpoint is `checkpoints/last.ckpt` (resume with `--ckpt_path` on it). Under
+    SLURM, SIGUSR1 (sent `--signal=SIGUSR1@90` seconds before the time limit, or by
+    `scancel -s USR1`) saves Lightning's `hpc_ckpt_N.ckpt` in the run directory and requeues the
+    job; the restarted job resumes from it by itself, in the same run directory.
+    """
+
+    def __init__(self):
+        self.requeue = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.requeue = False
+        self._previous = {}
+        handlers = {signal.SIGINT: self._stop}
+        if os.environ.get("SLURM_JOB_ID"):
+            handlers[signal.SIGUSR1] = self._stop_and_requeue
+        for signum, handler in handlers.items():
+            self._previous[signum] = signal.signal(signum, handler)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in getattr(self, "_previous", {}).items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _stop(self, signum, frame) -> None:
+        print(f"\nreceived signal {signum}: stopping after the current batch", file=sys.stderr, flush=True)
+        self._trainer._signal_connector.received_sigterm = True  # Lightning stops at the next safe point
+
+    def _stop_and_requeue(self, signum, frame) -> None:
+        self.requeue = True
+        self._stop(signum, frame)
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        self._trainer = trainer
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore_handlers()
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return
+        if self.requeue:
+            path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+        else:
+            path = os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
+        trainer.save_checkpoint(path)  # written to a temp file and moved: never half-written
+        print(f"saved {path} at step {trainer.global_step}", file=sys.stderr, flush=True)
+        if self.requeue and trainer.is_global_zero:
+            job = os.environ.get("SLURM_ARRAY_JOB_ID")
+            job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ["SLURM_JOB_ID"]
+            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            print(f"requeued SLURM job {job}" if result.returncode == 0 else
+                  f"could not requeue SLURM job {job}: {result.stderr.strip()}", file=sys.stderr, flush=True)

@@ -1,0 +1,107 @@
+"""Faults: a diverged loss, an interrupted run, a corrupt or missing checkpoint, concurrent runs."""
+import os
+import signal
+import subprocess
+import sys
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from callbacks.safety import NonFiniteLossGuard, SafeInterrupt, TrainingDiverged
+from datamodules import DigitsDataModule
+from lightning_modules import CNN
+from tests.conftest import ROOT
+
+
+class DivergesAt(CNN):
+    """A CNN whose loss turns NaN from a given step on."""
+
+    def __init__(self, nan_from_step: int = 25, **kwargs):
+        super().__init__(**kwargs)
+        self.nan_from_step = nan_from_step
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step >= self.nan_from_step else loss
+
+
+def _model(cls=CNN, **kwargs):
+    return cls(channels=[8, 16], head_hidden=[32], head_dropout=0.2, class_names=list("0123456789"),
+               input_shape=(1, 8, 8), **kwargs)
+
+
+def _trainer(tmp_path, callbacks, max_epochs=3):
+    return pl.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
+                      callbacks=[ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True), *callbacks])
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    pl.seed_everything(0)
+    trainer = _trainer(tmp_path, [NonFiniteLossGuard()])
+    with pytest.raises(TrainingDiverged, match=r"became nan in training step 26 \(epoch 1, batch 4\); the last good "
+                                               r"checkpoint is .*last.ckpt"):
+        trainer.fit(_model(DivergesAt, nan_from_step=25), datamodule=DigitsDataModule(batch_size=64))
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 21  # the end of epoch 0, before the loss broke
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
+
+
+class InterruptAt(pl.Callback):
+    """Sends this process Ctrl-C (SIGINT) after a given step, like a user at the keyboard."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_mid_epoch_saves_last_and_resume_matches_an_uninterrupted_run(tmp_path):
+    pl.seed_everything(0)
+    model = _model()
+    _trainer(tmp_path / "full", []).fit(model, datamodule=DigitsDataModule(batch_size=64, rotation=10.0))
+    uninterrupted = model.state_dict()
+
+    pl.seed_everything(0)
+    trainer = _trainer(tmp_path / "run", [SafeInterrupt(), InterruptAt(step=30)])
+    with pytest.raises(SIGTERMException):
+        trainer.fit(_model(), datamodule=DigitsDataModule(batch_size=64, rotation=10.0))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 30  # stopped between batches, mid-epoch 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+    pl.seed_everything(0)
+    model = _model()
+    _trainer(tmp_path / "run", []).fit(model, datamodule=DigitsDataModule(batch_size=64, rotation=10.0),
+                                       ckpt_path=last, weights_only=True)
+    assert all(torch.equal(uninterrupted[k], v) for k, v in model.state_dict().items())
+
+
+def test_corrupt_and_missing_checkpoints_are_one_line_errors(tmp_path):
+    corrupt = tmp_path / "broken.ckpt"
+    corrupt.write_bytes(b"not a checkpoint")
+    for path, pattern in ((corrupt, "cannot read the checkpoint"), (tmp_path / "none.ckpt", "does not exist")):
+        result = subprocess.run([sys.executable, "cli.py", "test", "--config", "configs/quickstart.yaml",
+                                 "--ckpt_path", str(path), "--log_dir", str(tmp_path / "logs")],
+                                cwd=ROOT, capture_output=True, text=True, timeout=300)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2 and len(errors) == 1 and pattern in errors[0], result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+        assert not (tmp_path / "logs" / "quickstart").exists() or not os.listdir(tmp_path / "logs" / "quickstart")
+
+
+def test_two_fits_started_together_get_distinct_run_directories(tmp_path):
+    command = [sys.executable, "cli.py", "fit", "--config", "configs/quickstart.yaml", "--trainer.max_epochs", "1",
+               "--log_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"]
+    runs = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert all(run.returncode == 0 for run in runs), [err[-1500:] for _, err in outputs]
+    folders = sorted(os.listdir(tmp_path / "quickstart"))
+    assert len(folders) == 2
+    assert all(os.path.isfile(tmp_path / "quickstart" / f / "results.json") for f in folders)
