@@ -16,37 +16,42 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
-    """RandomCrop(size, padding, fill=0) + RandomHorizontalFlip, drawn per sample."""
+    """RandomCrop(size, padding, fill=0) + RandomHorizontalFlip, drawn per sample, as one gather."""
     B, C, H, W = x.shape
-    if padding > 0:
-        padded = F.pad(x, (padding, padding, padding, padding))  # (B, C, H+2p, W+2p)
-        offsets = torch.randint(0, 2 * padding + 1, (2, B), generator=generator).to(x.device)  # (2, B)
-        rows = offsets[0, :, None] + torch.arange(H, device=x.device)  # (B, H)
-        cols = offsets[1, :, None] + torch.arange(W, device=x.device)  # (B, W)
-        batch = torch.arange(B, device=x.device)[:, None, None, None]  # (B, 1, 1, 1)
-        chan = torch.arange(C, device=x.device)[None, :, None, None]  # (1, C, 1, 1)
-        x = padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W)
+    padded = F.pad(x, (padding,) * 4) if padding > 0 else x  # (B, C, H+2p, W+2p)
+    Wp = W + 2 * padding
+    offsets = torch.randint(0, 2 * padding + 1, (2, B), generator=generator)  # (2, B) top, left
+    cols = torch.arange(W).expand(B, W)  # (B, W)
     if hflip:
-        flip = (torch.rand(B, generator=generator) < 0.5).to(x.device)  # (B,)
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # (B, C, H, W)
-    return x
+        flip = torch.rand(B, generator=generator) < 0.5  # (B,)
+        cols = torch.where(flip[:, None], W - 1 - cols, cols)  # reversed columns = mirrored image
+    rows = offsets[0, :, None] + torch.arange(H)  # (B, H)
+    index = rows[:, :, None] * Wp + (offsets[1, :, None] + cols)[:, None, :]  # (B, H, W) into the padded plane
+    index = index.to(x.device).view(B, 1, H * W).expand(B, C, H * W)  # (B, C, H*W)
+    return padded.flatten(2).gather(2, index).view(B, C, H, W)
 
 
 def random_affine(x: torch.Tensor, degrees: float, scale: Optional[tuple[float, float]],
                   generator: torch.Generator) -> torch.Tensor:
-    """Per-sample rotation in [-degrees, degrees] and a random resized crop of area in `scale`.
-
-    One `affine_grid` + `grid_sample` (bilinear, zero fill) for the whole float batch.
-    """
+    """Per-sample rotation in [-degrees, degrees] and a random resized crop of area in `scale`."""
     B = x.shape[0]
-    angle = (torch.rand(B, generator=generator) * 2 - 1) * math.radians(degrees)  # (B,)
+    angle = (torch.rand(B, generator=generator) * 2 - 1) * degrees  # (B,) degrees
     side = torch.ones(B)  # (B,) crop side as a fraction of the image side
     shift = torch.zeros(2, B)  # (2, B) crop centre in normalized coordinates
     if scale is not None:
         area = scale[0] + torch.rand(B, generator=generator) * (scale[1] - scale[0])  # (B,)
         side = area.sqrt()
-        shift = (torch.rand(2, B, generator=generator) * 2 - 1) * (1 - side)  # crop stays inside
-    cos, sin = angle.cos() * side, angle.sin() * side  # (B,)
+        shift = (torch.rand(2, B, generator=generator) * 2 - 1) * (1 - side)  # the crop stays inside
+    return affine(x, angle, side, shift)
+
+
+def affine(x: torch.Tensor, angle: torch.Tensor, side: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotates each image counter-clockwise by angle[b] degrees (as torchvision's rotate) and crops the
+    square of relative side side[b] centred at shift[:, b], back to full size: one affine_grid +
+    grid_sample (bilinear, zero fill) for the whole float batch."""
+    radians = angle * math.pi / 180
+    cos, sin = radians.cos() * side, radians.sin() * side  # (B,)
+    # theta maps output to input coordinates (x right, y down), as torchvision's rotate builds it
     theta = torch.stack([torch.stack([cos, -sin, shift[0]], 1), torch.stack([sin, cos, shift[1]], 1)], 1)
     grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)  # (B, H, W, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
