@@ -1,0 +1,1 @@
+"""Visual analysis: plots, model introspection, the figures and shape-table commands."""
