@@ -35,6 +35,9 @@ class EfficiencyMonitor(pl.Callback):
         if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._epoch_start = time.perf_counter()  # a mid-epoch resume skips on_train_epoch_start
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self.epoch_samples = 0
         self._epoch_start = time.perf_counter()
