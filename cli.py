@@ -9,6 +9,7 @@ import datetime
 import os
 import shutil
 import sys
+import warnings
 from typing import Optional
 
 import torch
@@ -20,7 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.efficiency import EfficiencyMonitor
 from callbacks.figures import Figures
-from callbacks.results import ResultsFile, run_fields
+from callbacks.results import ResultsFile, run_dir_of, run_fields
 from callbacks.safety import NonFiniteLossGuard, SafeInterrupt, TrainingDiverged
 from datamodules import ImageDataModule
 from errors import UserError, one_line_parse_error, user_error_in
@@ -57,8 +58,13 @@ def claim_run_dir(log_dir: str, experiment: str) -> str:
     if not os.access(parent, os.W_OK):
         raise UserError(f"the log directory {parent} is not writable; choose another with --log_dir")
     version = run_version()
-    if os.path.isdir(os.path.join(parent, version)) and (os.environ.get("SLURM_JOB_ID") or is_worker_process()):
-        return os.path.join(parent, version)  # a requeued SLURM job or a DDP worker: same folder
+    if os.environ.get("SLURM_JOB_ID") or is_worker_process():  # a requeued SLURM job or any DDP rank: same folder
+        try:  # all srun tasks start at once: whichever is first creates it, no "-2" for the others
+            os.mkdir(os.path.join(parent, version))
+            _created_run_dirs.append(os.path.join(parent, version))
+        except FileExistsError:
+            pass
+        return os.path.join(parent, version)
     base, n = version, 1
     while True:
         try:
@@ -146,16 +152,16 @@ class ExperimentCLI(LightningCLI):
 
     def _write_results(self) -> None:
         trainer, config = self.trainer, self._config()
-        path = os.path.join(trainer.log_dir, "results.json")
+        path = os.path.join(run_dir_of(trainer), "results.json")
         fields = run_fields(self.experiment_name, config.experiment, config.variant, self.model, self.datamodule,
-                            config.seed_everything, trainer.log_dir)
+                            config.seed_everything, run_dir_of(trainer))
         fields["efficiency"] = self.efficiency_summary or self.efficiency.summary(trainer)
         callback = trainer.checkpoint_callback
         if callback is not None and callback.best_model_path:
             fields["checkpoints"] = {"best": callback.best_model_path, "last": callback.last_model_path}
         self.results.write(path, **fields)
         print(f"results: {path}")
-        print(f"Run directory: {trainer.log_dir}")
+        print(f"Run directory: {run_dir_of(trainer)}")
 
     def _parse_ckpt_path(self) -> None:
         """Lightning rebuilds the model from the checkpoint's saved init args; a bad file is one line."""
@@ -194,12 +200,13 @@ class ExperimentCLI(LightningCLI):
             self._write_results()
 
     def after_test(self) -> None:
-        if not self.trainer.fast_dev_run and self.trainer.is_global_zero and self.trainer.log_dir:
+        if not self.trainer.fast_dev_run and self.trainer.is_global_zero and run_dir_of(self.trainer):
             self._write_results()
 
 
 def main(args=None, run: bool = True) -> ExperimentCLI:
     torch.set_float32_matmul_precision("high")
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # tests pass args
     argv = sys.argv[1:] if args is None else args
     _subcommand[0] = argv[0] if run and argv and not argv[0].startswith("-") else "fit"
     try:
