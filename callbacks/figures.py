@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from callbacks.results import ResultsFile
+from callbacks.results import ResultsFile, run_dir_of
 from visual.build import run_directory
 from visual.inputs import read_image, sample_image
 from visual.introspect import FigureSkipped, conv_pool_outputs, evaluating, first_conv_weight, input_device_dtype
@@ -58,10 +58,10 @@ class Figures(pl.Callback):
                 logger.experiment.flush()
         name = trainer.logger.name if trainer.logger is not None else None
         title = f"{name} ({type(pl_module).__name__})" if name else type(pl_module).__name__
-        events = [trainer.log_dir]
+        events = [run_dir_of(trainer)]  # only rank 0 writes figures
         if trainer.ckpt_path and os.path.isfile(trainer.ckpt_path):  # a test-only run: the tested run's curves
             events.append(run_directory(trainer.ckpt_path))
-        return self.write(pl_module, trainer.datamodule, trainer.log_dir, title, events_dir=events,
+        return self.write(pl_module, trainer.datamodule, run_dir_of(trainer), title, events_dir=events,
                           loggers=trainer.loggers, step=trainer.global_step, **kwargs)
 
     def on_fit_start(self, trainer, pl_module) -> None:

@@ -32,6 +32,11 @@ class ResultsFile(pl.Callback):
         return results
 
 
+def run_dir_of(trainer: pl.Trainer) -> str:
+    """trainer.log_dir without its broadcast, which would hang DDP when called on rank 0 alone."""
+    return getattr(trainer.logger, "log_dir", None) or trainer.default_root_dir
+
+
 def run_fields(experiment: str, base: str, variant, model: pl.LightningModule, datamodule, seed, run_dir: str) -> dict:
     return {"experiment": experiment, "base_experiment": base, "variant": variant, "model": type(model).__name__,
             "dataset": getattr(datamodule, "name", type(datamodule).__name__), "seed": seed, "run_dir": run_dir,

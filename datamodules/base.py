@@ -24,7 +24,6 @@ class ImageDataModule(pl.LightningDataModule):
     default_rotation = 0.0
     default_crop_padding = 0
     default_hflip = False
-    has_val_split_of_test = False
 
     def __init__(
         self,

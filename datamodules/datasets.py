@@ -139,7 +139,6 @@ class DigitsDataModule(ImageDataModule):
 
     name = "digits"
     native_size = 8
-    default_rotation = 0.0
     test_fraction = 0.2  # fixed stratified split (random_state 0): the same test set for every seed
 
     @property
