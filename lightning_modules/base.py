@@ -23,8 +23,11 @@ def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
 
 
 def count_parameters(module: nn.Module) -> dict[str, int]:
-    return {"total": sum(p.numel() for p in module.parameters()),
-            "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad)}
+    """Total and trainable parameters; a hand-trained model (scratch/) trains all of its own."""
+    total = sum(p.numel() for p in module.parameters())
+    if getattr(module, "hand_trained", False):
+        return {"total": total, "trainable": total}
+    return {"total": total, "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad)}
 
 
 class ClassificationModule(pl.LightningModule):
@@ -150,14 +153,21 @@ class ClassificationModule(pl.LightningModule):
 
     # ---- optimizer and schedule from YAML ----
     def configure_optimizers(self):
+        return self.with_schedule(self.build_optimizer([p for p in self.parameters() if p.requires_grad]))
+
+    def build_optimizer(self, params) -> torch.optim.Optimizer:
         hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
         if hp.optimizer == "sgd":
             optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
                                         weight_decay=hp.weight_decay)
         else:
             cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
             optimizer = cls(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        return optimizer
+
+    def with_schedule(self, optimizer: torch.optim.Optimizer):
+        """The optimizer plus the configured LR schedule, in Lightning's configure_optimizers format."""
+        hp = self.hparams
         if hp.scheduler == "none":
             return optimizer
         if hp.scheduler == "step":
