@@ -10,7 +10,7 @@ class UserError(Exception):
 VALID_CLASSES = {
     "datamodules": "datamodules.DigitsDataModule, MNISTDataModule, FashionMNISTDataModule, CIFAR10DataModule, "
                    "CIFAR100DataModule, EMNISTDataModule",
-    "lightning_modules": "lightning_modules.MLP, CNN (and the other models in lightning_modules/)",
+    "lightning_modules": "lightning_modules.MLP, CNN, ScratchCNN, ResNet18, CLIPZeroShot",
 }
 
 

@@ -4,6 +4,7 @@ from typing import Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
+from torch.utils.data import DataLoader
 
 from datamodules import batch_transforms as BT
 from datamodules.loader import BatchLoader, EpochBatchSampler, TensorBatches
@@ -186,8 +187,10 @@ class ImageDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> BatchLoader:
         return self._loader("test", train=False)
 
-    def predict_dataloader(self) -> BatchLoader:
-        return self._loader("test", train=False)
+    def predict_dataloader(self) -> DataLoader:
+        # a plain DataLoader: Lightning rebuilds predict loaders with its own index-tracking sampler
+        loader = self._loader("test", train=False)
+        return DataLoader(loader.dataset, batch_size=None, sampler=loader.sampler, pin_memory=loader.pin_memory)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and batch[0].dtype == torch.uint8):

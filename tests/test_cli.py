@@ -134,3 +134,10 @@ def test_log_dir_that_cannot_be_written(tmp_path):
     blocker.write_text("not a folder")
     result = run_cli("fit", "--config", "configs/quickstart.yaml", "--log_dir", str(blocker / "logs"))
     _assert_one_line_error(result, r"cannot create the log directory .*--log_dir", tmp_path / "nothing")
+
+
+def test_predict_and_validate_run_through_the_cli(tmp_path):
+    for subcommand in ("validate", "predict"):
+        run = cli.main([subcommand, "--config", "configs/quickstart.yaml", "--log_dir", str(tmp_path),
+                        "--trainer.enable_progress_bar", "false"])
+        assert run.trainer.state.finished
