@@ -99,7 +99,7 @@ class ClassificationModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, logits, labels = self.model_step(batch)
-        self.train_metrics(logits, labels)
+        self.train_metrics.update(logits.detach(), labels)  # update only: no per-step accuracy compute
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_metrics, on_step=False, on_epoch=True)
         return loss

@@ -85,7 +85,7 @@ class ScratchCNN(ClassificationModule):
         scheduler = self.lr_schedulers()
         if scheduler is not None and (self.hparams.scheduler != "step" or self.trainer.is_last_batch):
             scheduler.step()  # manual optimization steps schedules itself: per step, StepLR per epoch
-        self.train_metrics(logits, labels)
+        self.train_metrics.update(logits, labels)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_metrics, on_step=False, on_epoch=True)
         return loss
