@@ -164,11 +164,22 @@ class ExperimentCLI(LightningCLI):
         print(f"Run directory: {run_dir_of(trainer)}")
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning rebuilds the model from the checkpoint's saved init args; a bad file is one line."""
+        """Lightning rebuilds the model from the checkpoint's saved init args; a bad file is one line, and a
+        checkpoint of another model class than the config's is an error (not a silent switch of model)."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
         try:
+            if path and os.path.isfile(path):
+                saved = torch.load(path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+                saved, wanted = saved.get("_class_path"), self.config[subcommand].model.class_path
+                if saved and saved.rsplit(".", 1)[-1] != wanted.rsplit(".", 1)[-1]:
+                    raise UserError(f"{path} holds a {saved.rsplit('.', 1)[-1]} but the config builds a "
+                                    f"{wanted.rsplit('.', 1)[-1]}; use the config.yaml saved in that checkpoint's "
+                                    "run directory")
             super()._parse_ckpt_path()
+        except UserError:
+            raise
         except Exception as error:
-            path = self.config[self.config.subcommand].get("ckpt_path")
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UserError(f"cannot read the checkpoint {path} ({first_line}); is it a complete .ckpt file "
                             "written by this project?") from None
