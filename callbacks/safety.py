@@ -42,10 +42,10 @@ class SafeInterrupt(pl.Callback):
     """
 
     def __init__(self):
-        self.requeue = False
+        self.requeue = self.signalled = False
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.requeue = False
+        self.requeue = self.signalled = False
         self._previous = {}
         handlers = {signal.SIGINT: self._stop}
         if os.environ.get("SLURM_JOB_ID"):
@@ -63,7 +63,17 @@ class SafeInterrupt(pl.Callback):
 
     def _stop(self, signum, frame) -> None:
         print(f"\nreceived signal {signum}: stopping after the current batch", file=sys.stderr, flush=True)
-        self._trainer._signal_connector.received_sigterm = True  # Lightning stops at the next safe point
+        self.signalled = True
+        if self._trainer.world_size == 1:
+            self._trainer._signal_connector.received_sigterm = True  # Lightning stops at the next safe point
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.world_size > 1:  # ranks get a signal at different batches: all must stop after the same one
+            flags = torch.tensor([int(self.signalled), int(self.requeue)], device=pl_module.device)
+            signalled, requeue = trainer.strategy.reduce(flags, reduce_op="max").tolist()
+            if signalled:
+                self.signalled, self.requeue = True, bool(requeue)
+                trainer._signal_connector.received_sigterm = True
 
     def _stop_and_requeue(self, signum, frame) -> None:
         self.requeue = True
@@ -82,6 +92,8 @@ class SafeInterrupt(pl.Callback):
             path = os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
         trainer.save_checkpoint(path)  # written to a temp file and moved: never half-written
         print(f"saved {path} at step {trainer.global_step}", file=sys.stderr, flush=True)
+        if self.requeue:  # the requeue SIGTERMs every rank; under DDP Lightning's handler would broadcast to dead ranks
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if self.requeue and trainer.is_global_zero:
             job = os.environ.get("SLURM_ARRAY_JOB_ID")
             job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ["SLURM_JOB_ID"]

@@ -1,0 +1,27 @@
+# Sourced by every template in slurm/ after its #SBATCH header. Submit from the repository root.
+set -euo pipefail
+export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}     # torch would otherwise start a thread per core of the node
+export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}  # srun of Slurm 22.05-23.02 does not inherit --cpus-per-task
+export DATA_DIR=${DATA_DIR:-$PWD/data}               # fetched ahead on a login node: python -m datamodules.download
+
+# STAGE_DATA=1 copies $DATA_DIR to node-local disk (once per node) and reads it from there
+if [[ ${STAGE_DATA:-0} == 1 ]]; then
+  staged=${TMPDIR:-/tmp}/data-$SLURM_JOB_ID
+  srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 bash -c "mkdir -p '$staged' && cp -r '$DATA_DIR'/. '$staged'"
+  trap 'rm -rf "$staged"' EXIT  # the batch node's copy; clusters clean TMPDIR of the others
+  DATA_DIR=$staged
+fi
+DATA_ARGS=(--data.init_args.data_dir "$DATA_DIR")
+
+echo "$(date '+%F %T') job ${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID} on" \
+     "$SLURM_JOB_NODELIST, restart ${SLURM_RESTART_COUNT:-0}, data in $DATA_DIR"
+
+# array templates: TASK = the words of line $SLURM_ARRAY_TASK_ID of their TASKS list
+select_task() {
+  local line=${TASKS[$SLURM_ARRAY_TASK_ID]:-}
+  if [[ -z $line ]]; then
+    echo "error: array task $SLURM_ARRAY_TASK_ID has no line in TASKS; submit with --array=0-$((${#TASKS[@]} - 1))" >&2
+    exit 2
+  fi
+  read -ra TASK <<< "$line"
+}
