@@ -107,7 +107,7 @@ class ClassificationModule(pl.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         loss, logits, labels = self.model_step(batch)
         self.val_metrics.update(logits, labels)
-        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)  # averaged over DDP ranks at epoch end
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.val_metrics.compute()
@@ -119,7 +119,7 @@ class ClassificationModule(pl.LightningModule):
         loss, logits, labels = self.model_step(batch)
         self.test_metrics.update(logits, labels)
         self.test_confusion.update(logits, labels)
-        self.log("test/loss", loss)
+        self.log("test/loss", loss, sync_dist=True)
 
     def on_test_epoch_start(self) -> None:
         self.test_confusion.reset()  # kept after the epoch (figures read it), so a second test starts from zero
