@@ -51,24 +51,25 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 
 
 class InterruptAt(pl.Callback):
-    """Sends this process Ctrl-C (SIGINT) after a given step, like a user at the keyboard."""
+    """Sends this process a signal after a given step: Ctrl-C (SIGINT) or a `kill` (SIGTERM)."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, signum: int):
+        self.step, self.signum = step, signum
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), self.signum)
 
 
-def test_ctrl_c_mid_epoch_saves_last_and_resume_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_mid_epoch_saves_last_and_resume_matches_an_uninterrupted_run(tmp_path, signum):
     pl.seed_everything(0)
     model = _model()
     _trainer(tmp_path / "full", []).fit(model, datamodule=DigitsDataModule(batch_size=64, rotation=10.0))
     uninterrupted = model.state_dict()
 
     pl.seed_everything(0)
-    trainer = _trainer(tmp_path / "run", [SafeInterrupt(), InterruptAt(step=30)])
+    trainer = _trainer(tmp_path / "run", [SafeInterrupt(), InterruptAt(step=30, signum=signum)])
     with pytest.raises(SIGTERMException):
         trainer.fit(_model(), datamodule=DigitsDataModule(batch_size=64, rotation=10.0))
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
