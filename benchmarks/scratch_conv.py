@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 import scratch
+from benchmarks import common
+from benchmarks.common import sync
 from scratch.models import mnist_cnn
 
 # (name, batch, in_channels, size, out_channels, padding); kernel 3x3, stride 1
@@ -31,11 +33,6 @@ CONV_SHAPES = [
     ("CIFAR conv1", 128, 3, 32, 32, 1),
     ("CIFAR conv2", 128, 32, 32, 64, 1),
 ]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def paired_times(ours, theirs, device, repeats: int, warmup_s: float) -> tuple[list[float], list[float]]:
@@ -114,13 +111,7 @@ def summary(ours: list[float], theirs: list[float], show) -> str:
 
 
 def hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or "unknown CPU"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
-    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)"
+    return f"{common.hardware(device)}, {torch.get_num_threads()} torch thread(s)"
 
 
 def main() -> None:
