@@ -86,6 +86,12 @@ class OneLineErrorParser(LightningArgumentParser):
         print(f"error: {one_line_parse_error(message, _subcommand[0])}", file=sys.stderr)
         sys.exit(2)
 
+    def save(self, cfg, path, **kwargs):
+        # the run's config.yaml (SaveConfigCallback): validated when it was parsed; validating it again on the
+        # way out cost ~25 ms of every fit (2/3 of the save)
+        kwargs.setdefault("skip_validation", True)
+        return super().save(cfg, path, **kwargs)
+
 
 class ExperimentCLI(LightningCLI):
     """LightningCLI plus run directories, checkpoints, early stopping and results.json."""
@@ -145,6 +151,9 @@ class ExperimentCLI(LightningCLI):
         extra_callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         extra_callbacks += [self.results, self.efficiency, ModelSummary(max_depth=3), NonFiniteLossGuard(),
                             self.interrupt]
+        self.figures = next((c for c in extra_callbacks if isinstance(c, Figures)), None)
+        if self.figures is not None:
+            self.figures.curves_after_fit = False  # after_fit tests the checkpoints and the test draws the curves
         configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         if trainer_config.enable_progress_bar is not False and not any(
                 isinstance(c, ProgressBar) for c in (configured if isinstance(configured, list) else [configured])):
@@ -207,11 +216,15 @@ class ExperimentCLI(LightningCLI):
         # snapshot now: testing a checkpoint restores the callback states saved inside it
         self.efficiency_summary = self.efficiency.summary(trainer)
         callback = trainer.checkpoint_callback
+        tested = False
         for tag, path in (("best", callback.best_model_path), ("last", callback.last_model_path)):
             if path:
                 self.results.tag = tag
                 print(f"Testing the {tag} checkpoint: {path}")
                 trainer.test(self.model, datamodule=self.datamodule, ckpt_path=path)
+                tested = True
+        if not tested and self.figures is not None:  # the test draws the curves; without one, draw them here
+            self.figures.write_curves(trainer, self.model)
         if trainer.is_global_zero:
             self._write_results()
 

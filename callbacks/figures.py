@@ -47,6 +47,10 @@ class Figures(pl.Callback):
         self.notes: list[str] = []  # one line per skipped figure or clipped option
         self.written: dict[str, str] = {}  # PNG name -> path
         self._full_set_written = False
+        # curves.png at the end of a fit that nobody tests; cli.py turns this off because it tests the best and
+        # last checkpoints right after the fit and that test draws the curves (drawing them twice cost ~5% of a
+        # one-epoch fit, benchmarks/training_loop.py)
+        self.curves_after_fit = True
 
     # ---- Lightning hooks ----
     def _active(self, trainer: pl.Trainer) -> bool:
@@ -70,7 +74,12 @@ class Figures(pl.Callback):
     def teardown(self, trainer, pl_module, stage: str) -> None:
         # curves.png also for a fit that is not tested; teardown comes after every on_fit_end, so the time
         # spent here stays out of EfficiencyMonitor's fit_seconds
-        if stage == "fit" and self._active(trainer) and trainer.is_global_zero:
+        if stage == "fit" and self.curves_after_fit:
+            self.write_curves(trainer, pl_module)
+
+    def write_curves(self, trainer: pl.Trainer, pl_module) -> None:
+        """curves.png (and its TensorBoard image) from the run's event files; rank 0 only."""
+        if self._active(trainer) and trainer.is_global_zero:
             self._write_from(trainer, pl_module, names=("curves",))
 
     def on_test_end(self, trainer, pl_module) -> None:

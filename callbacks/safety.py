@@ -20,16 +20,47 @@ class TrainingDiverged(UserError):
 
 
 class NonFiniteLossGuard(pl.Callback):
-    """Stops at the first non-finite training loss, before any checkpoint can store broken weights."""
+    """Stops at a non-finite training loss, naming its first step, before any checkpoint can store broken weights.
+
+    The losses are checked together every `check_every_n_steps` steps, at the end of each training epoch and
+    before any checkpoint is written, not after every step: a per-step check is a host-device sync per step
+    (a GPU's queue drained every batch). Steps taken after the loss broke are wasted, never saved.
+    """
+
+    def __init__(self, check_every_n_steps: int = 10):
+        self.check_every_n_steps = check_every_n_steps
+        self._pending: list[tuple[torch.Tensor, int, int, int]] = []  # (loss, step, epoch, batch) not yet checked
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._pending = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None and not torch.isfinite(loss).all():  # one host sync per step
-            last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
-            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
-            raise TrainingDiverged(f"the training loss became {loss.item()} in training step {trainer.global_step} "
-                                   f"(epoch {trainer.current_epoch}, batch {batch_idx}); {kept}; lower "
-                                   "the learning rate or use gradient clipping (--trainer.gradient_clip_val 1.0)")
+        if loss is not None:
+            self._pending.append((loss.detach(), trainer.global_step, trainer.current_epoch, batch_idx))
+        if len(self._pending) >= self.check_every_n_steps:
+            self.check(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.check(trainer)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.check(trainer)  # raising here stops the save: the file is written after every callback's hook
+
+    def check(self, trainer) -> None:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        finite = torch.isfinite(torch.stack([loss.float().reshape(()) for loss, *_ in pending]))
+        if bool(finite.all()):  # the one host sync for all pending steps
+            return
+        first = int((~finite).nonzero()[0])
+        loss, step, epoch, batch_idx = pending[first]
+        last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+        raise TrainingDiverged(f"the training loss became {loss.item()} in training step {step} (epoch {epoch}, "
+                               f"batch {batch_idx}); {kept}; lower the learning rate or use gradient clipping "
+                               "(--trainer.gradient_clip_val 1.0)")
 
 
 class SafeInterrupt(pl.Callback):

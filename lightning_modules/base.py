@@ -11,6 +11,9 @@ from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusion
                                          MulticlassPrecision, MulticlassRecall)
 
 from errors import UserError
+from lightning_modules import fast_log
+
+fast_log.install()  # self.log without Lightning's per-call walk over the stored metric (see fast_log.py)
 
 
 def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -66,7 +69,7 @@ class ClassificationModule(pl.LightningModule):
             raise UserError(f"num_classes={num_classes} disagrees with the data's {len(self.class_names)} classes; "
                             "remove the num_classes override (it is linked from the datamodule)")
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        self.train_metrics = MulticlassAccuracy(num_classes, average="micro")
+        self.train_metrics = MulticlassAccuracy(num_classes, average="micro", validate_args=False)  # hot loop
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
@@ -99,10 +102,21 @@ class ClassificationModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, logits, labels = self.model_step(batch)
-        self.train_metrics.update(logits.detach(), labels)  # update only: no per-step accuracy compute
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", self.train_metrics, on_step=False, on_epoch=True)
+        self.log_training_step(loss, logits, labels)
         return loss
+
+    def log_training_step(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Per step: the loss (progress bar, TensorBoard every log_every_n_steps) and an accuracy update only.
+        Train accuracy is computed once per epoch in on_train_epoch_end: handing the Metric to `self.log` every
+        step costs Lightning a walk over the metric's state per call (measured in benchmarks/training_loop.py)."""
+        self.train_metrics.update(logits.detach(), labels)
+        self.log("train/loss", loss, prog_bar=True)
+
+    def on_train_epoch_end(self) -> None:
+        # runs before the monitoring callbacks (checkpoint, early stopping) read the epoch's metrics
+        if self.train_metrics.update_called:
+            self.log("train/acc", self.train_metrics.compute())  # syncs the counts across DDP ranks
+        self.train_metrics.reset()
 
     def validation_step(self, batch, batch_idx: int) -> None:
         loss, logits, labels = self.model_step(batch)

@@ -85,7 +85,5 @@ class ScratchCNN(ClassificationModule):
         scheduler = self.lr_schedulers()
         if scheduler is not None and (self.hparams.scheduler != "step" or self.trainer.is_last_batch):
             scheduler.step()  # manual optimization steps schedules itself: per step, StepLR per epoch
-        self.train_metrics.update(logits, labels)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", self.train_metrics, on_step=False, on_epoch=True)
+        self.log_training_step(loss, logits, labels)
         return loss

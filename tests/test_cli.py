@@ -67,7 +67,8 @@ def test_quickstart_end_to_end(tmp_path):
     assert glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
     assert os.path.isfile(os.path.join(run_dir, "checkpoints", "last.ckpt"))
     assert glob.glob(os.path.join(run_dir, "checkpoints", "best-*.ckpt"))
-    assert os.path.isfile(os.path.join(run_dir, "config.yaml"))
+    again = run_cli("fit", "--config", os.path.join(run_dir, "config.yaml"), "--print_config")
+    assert again.returncode == 0 and "experiment: quickstart" in again.stdout  # saved without a second validation
     results = json.load(open(os.path.join(run_dir, "results.json")))
     assert results["experiment"] == "quickstart" and results["dataset"] == "digits" and results["model"] == "CNN"
     assert set(results["test"]) == {"best", "last"}

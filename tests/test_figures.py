@@ -275,3 +275,25 @@ def test_one_switch_turns_the_figures_off(tmp_path):
                     "--trainer.enable_progress_bar", "false"])
     assert os.path.isfile(os.path.join(run.trainer.log_dir, "results.json"))
     assert not glob.glob(os.path.join(run.trainer.log_dir, "*.png"))
+
+
+def test_curves_are_drawn_once_per_cli_fit_and_at_the_end_of_a_bare_fit(tmp_path, monkeypatch):
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    drawn = []
+    real = Figures._curves
+    monkeypatch.setattr(Figures, "_curves", lambda self, run: drawn.append(run.checkpoint) or real(self, run))
+    run = cli.main(["fit", "--config", "configs/quickstart.yaml", "--trainer.max_epochs", "1",
+                    "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                    "--log_dir", str(tmp_path / "cli"), "--trainer.enable_progress_bar", "false"])
+    assert drawn == ["best"]  # by the best checkpoint's test; the end of the fit does not draw them a second time
+    assert os.path.isfile(os.path.join(run.trainer.log_dir, "curves.png"))
+
+    drawn.clear()  # the callback in a plain Trainer (no test after the fit): curves.png when the fit ends
+    model, datamodule = CNN(channels=[8], input_shape=(1, 8, 8), class_names=DIGITS), DigitsDataModule()
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, accelerator="cpu",
+                         logger=TensorBoardLogger(str(tmp_path), name="bare"), callbacks=[Figures()],
+                         enable_checkpointing=False, enable_progress_bar=False, default_root_dir=str(tmp_path))
+    trainer.fit(model, datamodule=datamodule)
+    assert drawn == ["final"] and os.listdir(trainer.log_dir).count("curves.png") == 1

@@ -50,6 +50,35 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
 
 
+def test_nan_loss_is_never_saved_between_two_checks(tmp_path):
+    # checked every 100 steps only: the epoch's end and the checkpoint saves still stop the run in time
+    pl.seed_everything(0)
+    trainer = _trainer(tmp_path, [NonFiniteLossGuard(check_every_n_steps=100)])
+    with pytest.raises(TrainingDiverged, match=r"became nan in training step 19 \(epoch 0, batch 18\); no checkpoint "
+                                               r"was saved yet"):
+        trainer.fit(_model(DivergesAt, nan_from_step=18), datamodule=DigitsDataModule(batch_size=64))
+    assert not os.path.exists(tmp_path / "checkpoints") or not os.listdir(tmp_path / "checkpoints")
+
+    pl.seed_everything(0)
+    every_5 = ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=5, save_top_k=-1, filename="{step}")
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
+                         callbacks=[every_5, NonFiniteLossGuard(check_every_n_steps=100)])
+    with pytest.raises(TrainingDiverged, match=r"training step 8 \(epoch 0, batch 7\)"):
+        trainer.fit(_model(DivergesAt, nan_from_step=7), datamodule=DigitsDataModule(batch_size=64))
+    assert sorted(os.listdir(tmp_path / "steps")) == ["step=5.ckpt"]  # the save at step 10 was refused
+
+
+def test_the_loss_check_syncs_once_per_window_not_per_step(tmp_path, monkeypatch):
+    checks = []
+    real = NonFiniteLossGuard.check
+    monkeypatch.setattr(NonFiniteLossGuard, "check", lambda self, trainer: checks.append(len(self._pending))
+                        or real(self, trainer))
+    pl.seed_everything(0)
+    _trainer(tmp_path, [NonFiniteLossGuard()], max_epochs=1).fit(_model(), datamodule=DigitsDataModule(batch_size=64))
+    assert [n for n in checks if n] == [10, 10, 1]  # 21 steps: two full windows, the rest at the epoch's end
+
+
 class InterruptAt(pl.Callback):
     """Sends this process a signal after a given step: Ctrl-C (SIGINT) or a `kill` (SIGTERM)."""
 

@@ -1,0 +1,74 @@
+"""What the training step logs, and that the fast path for `self.log` leaves every logged value unchanged."""
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultMetric
+
+from datamodules import DigitsDataModule
+from lightning_modules import MLP, fast_log
+
+DIGITS = [str(i) for i in range(10)]
+
+
+class Record(pl.Callback):
+    """Every step's logged metrics as the progress bar, the callbacks and the loggers see them."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append({kind: {key: float(value) for key, value in metrics.items()} for kind, metrics in (
+            ("bar", trainer.progress_bar_metrics), ("callback", trainer.callback_metrics),
+            ("logged", trainer.logged_metrics))})
+
+    def on_train_epoch_end(self, trainer, pl_module):  # runs before the module's hook: the epoch values come after
+        self.steps.append("epoch end")
+
+
+def fit(tmp_path, epochs=2, **model_kwargs):
+    pl.seed_everything(0)
+    datamodule = DigitsDataModule(batch_size=128, seed=0)
+    model = MLP(hidden=[32], norm="none", dropout=0.0, class_names=DIGITS, input_shape=(1, 8, 8), **model_kwargs)
+    record = Record()
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=[record], default_root_dir=str(tmp_path), limit_val_batches=0)
+    trainer.fit(model, datamodule=datamodule)
+    return model, datamodule, trainer, record
+
+
+def test_train_accuracy_is_the_epochs_accuracy(tmp_path):
+    # a learning rate too small to change a prediction: the model is fixed, so the epoch's accuracy is known
+    model, datamodule, trainer, _ = fit(tmp_path, epochs=1, lr=1e-12, weight_decay=0.0)
+    images, labels = datamodule.splits["train"].images, datamodule.splits["train"].labels
+    with torch.no_grad():
+        expected = (model(datamodule.transform(images)).argmax(1) == labels).float().mean()
+    assert trainer.callback_metrics["train/acc"] == pytest.approx(float(expected), abs=1e-6)
+    assert not model.train_metrics.update_called  # reset for the next epoch
+
+
+def test_fast_log_path_leaves_every_logged_value_unchanged(tmp_path, monkeypatch):
+    fast_model, _, _, fast = fit(tmp_path / "fast")
+    monkeypatch.setattr(_ResultMetric, "to", _ResultMetric.to.__wrapped__)  # Lightning's own method
+    slow_model, _, _, slow = fit(tmp_path / "slow")
+    assert fast.steps == slow.steps and len(fast.steps) > 20
+    assert {"train/loss", "train/acc"} <= set(fast.steps[-2]["callback"])  # the second epoch sees the first's acc
+    for key, value in fast_model.state_dict().items():
+        assert torch.equal(value, slow_model.state_dict()[key]), key
+
+
+def test_fast_log_path_skips_only_what_is_already_in_place():
+    from lightning.pytorch.trainer.connectors.logger_connector.result import _Metadata
+
+    fast_log.install()  # idempotent: installed once when lightning_modules is imported
+    assert _ResultMetric.to._fast_path and not getattr(_ResultMetric.to.__wrapped__, "_fast_path", False)
+    metric = _ResultMetric(_Metadata(fx="training_step", name="loss"), is_tensor=True)
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert metric.to(cpu) is metric and metric.__dict__["_moved_to"] == cpu  # the first call: Lightning's method
+    before = dict(metric.__dict__)
+    assert metric.to(cpu) is metric and all(metric.__dict__[key] is value for key, value in before.items())
+    metric.to(meta)  # another device goes through Lightning's method and really moves the state
+    assert metric.value.device == meta and metric.cumulated_batch_size.device == meta
+    metric.value = torch.tensor(1.0)  # a state put back on the CPU behind its back: the fast path notices
+    metric.to(meta)
+    assert metric.value.device == meta
