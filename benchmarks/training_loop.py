@@ -17,7 +17,7 @@ from statistics import median
 import torch
 
 import cli
-from benchmarks.common import markdown_table, peak_rss_mb, report, sync
+from benchmarks.common import cuda_peak, markdown_table, peak_rss_mb, report, reset_cuda_peak, sync
 from benchmarks.input_pipeline import synthetic
 from datamodules import CIFAR10DataModule
 
@@ -87,19 +87,21 @@ def main() -> None:
                     pair[side] = plain_loop(run, device, args.epochs)
                     continue
                 sync(device)
+                reset_cuda_peak(device)
                 start = time.perf_counter()  # the whole trainer.fit call: setup, summary, checkpoint included
                 run.trainer.fit(run.model, datamodule=run.datamodule)
                 sync(device)
                 pair[side] = time.perf_counter() - start
+                peak = cuda_peak(device)
             if repeat:
                 ours.append(pair["fit"]), theirs.append(pair["plain"]), ratios.append(pair["fit"] / pair["plain"])
     ours_s, theirs_s = median(ours), median(theirs)
     images = args.samples * args.epochs
     rows = [["CIFAR CNN 12/24/48, batch 128", f"{args.samples:,} x {args.epochs}", f"{ours_s:.2f}",
              f"{theirs_s:.2f}", f"{median(ratios):.2f}", f"{images / ours_s:,.0f}", f"{images / theirs_s:,.0f}",
-             f"{peak_rss_mb():.0f} MB"]]
+             f"{peak_rss_mb():.0f} MB", peak]]
     header = ["model", "samples x epochs", "ours fit s", "plain loop s", "time ratio", "ours img/s",
-              "plain img/s", "peak RSS"]
+              "plain img/s", "peak RSS", "CUDA max allocated (ours)"]
     report("Training-loop overhead: Lightning fit vs a plain PyTorch loop", markdown_table(header, rows), device,
            f"Medians of {args.repeats} pairs run back to back, alternating which side goes first; the time ratio is "
            f"the median of the pairs' ratios (per pair: {', '.join(f'{r:.3f}' for r in ratios)}), so a drift in "

@@ -212,9 +212,17 @@ class ImageDataModule(pl.LightningDataModule):
         if self.resize and x.shape[-1] != self.resize:
             x = BT.resize(x, self.resize)  # (B, C, S, S)
         x = BT.convert_channels(x, self.channels)  # (B, channels, S, S)
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        mean, std = self._normalization(x.device)
         return (x - mean) / std
+
+    def _normalization(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std as (1, C, 1, 1) tensors on `device`, made once: building them per batch from Python
+        lists was two blocking host-to-device copies per batch (each waits for the GPU's queue to drain)."""
+        key = (device, tuple(self.mean), tuple(self.std))
+        if getattr(self, "_normalization_key", None) != key:
+            self._normalization_tensors = tuple(torch.tensor(v).view(1, -1, 1, 1).to(device) for v in key[1:])
+            self._normalization_key = key
+        return self._normalization_tensors
 
     # The augmentation stream and the position in the epoch travel in checkpoints, so a resumed run
     # draws and reads what it would have. (The loader's own state is not enough: Lightning skips

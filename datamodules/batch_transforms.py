@@ -20,14 +20,15 @@ def random_crop_flip(x: torch.Tensor, padding: int, hflip: bool, generator: torc
     B, C, H, W = x.shape
     padded = F.pad(x, (padding,) * 4) if padding > 0 else x  # (B, C, H+2p, W+2p)
     Wp = W + 2 * padding
-    offsets = torch.randint(0, 2 * padding + 1, (2, B), generator=generator)  # (2, B) top, left
-    cols = torch.arange(W).expand(B, W)  # (B, W)
+    # drawn on the CPU generator, then sent without a sync: a blocking copy would wait for the GPU's queue
+    offsets = torch.randint(0, 2 * padding + 1, (2, B), generator=generator).to(x.device, non_blocking=True)
+    cols = torch.arange(W, device=x.device).expand(B, W)  # (B, W)
     if hflip:
-        flip = torch.rand(B, generator=generator) < 0.5  # (B,)
+        flip = (torch.rand(B, generator=generator) < 0.5).to(x.device, non_blocking=True)  # (B,)
         cols = torch.where(flip[:, None], W - 1 - cols, cols)  # reversed columns = mirrored image
-    rows = offsets[0, :, None] + torch.arange(H)  # (B, H)
+    rows = offsets[0, :, None] + torch.arange(H, device=x.device)  # (B, H) top, left = offsets[0], offsets[1]
     index = rows[:, :, None] * Wp + (offsets[1, :, None] + cols)[:, None, :]  # (B, H, W) into the padded plane
-    index = index.to(x.device).view(B, 1, H * W).expand(B, C, H * W)  # (B, C, H*W)
+    index = index.view(B, 1, H * W).expand(B, C, H * W)  # (B, C, H*W)
     return padded.flatten(2).gather(2, index).view(B, C, H, W)
 
 
@@ -53,7 +54,8 @@ def affine(x: torch.Tensor, angle: torch.Tensor, side: torch.Tensor, shift: torc
     cos, sin = radians.cos() * side, radians.sin() * side  # (B,)
     # theta maps output to input coordinates (x right, y down), as torchvision's rotate builds it
     theta = torch.stack([torch.stack([cos, -sin, shift[0]], 1), torch.stack([sin, cos, shift[1]], 1)], 1)
-    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)  # (B, H, W, 2)
+    theta = theta.to(x.device, x.dtype, non_blocking=True)  # (B, 2, 3); no sync with the GPU's queue
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 

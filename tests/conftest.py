@@ -22,3 +22,15 @@ def data_dir(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("data"))
     write_all(root)
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests skip on a machine without CUDA (CI deselects them with -m "not gpu")."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
