@@ -10,7 +10,7 @@ from tests.conftest import ROOT
 
 RESULTS = os.path.join(ROOT, "benchmarks", "RESULTS.md")
 TOY = {
-    "input_pipeline": ["--batches", "2"],
+    "input_pipeline": ["--batches", "2", "--repeats", "1"],
     "training_loop": ["--samples", "512", "--repeats", "1"],
     "scratch_conv": ["--repeats", "1", "--warmup-s", "0", "--images", "128", "--epochs", "1"],
     "clip_zero_shot": ["--images", "8", "--batch_size", "4", "--repeats", "1"],
