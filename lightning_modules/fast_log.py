@@ -8,7 +8,8 @@ move tensors that are, from the second call on, already on that device. Measured
 The fast path returns at once when the same metric was already moved to the same device by the original
 method and every tensor it holds directly is still there; anything else (the first call, a device change, a
 new Lightning whose metric holds other things) goes through Lightning's own method. `install()` is idempotent
-and a no-op when Lightning no longer has the method. tests/test_models.py checks logged values are unchanged.
+and a no-op when Lightning no longer has the method. tests/test_training_loop.py checks that every logged
+value is unchanged.
 """
 import torch
 
