@@ -48,17 +48,31 @@ class NonFiniteLossGuard(pl.Callback):
         self.check(trainer)  # raising here stops the save: the file is written after every callback's hook
 
     def check(self, trainer) -> None:
+        """Raises TrainingDiverged if any pending loss is NaN or infinite. Under DDP every process decides
+        together (the first bad step on any of them), so all stop at the same point instead of the others
+        waiting forever in the next gradient all-reduce for the one that stopped."""
         pending, self._pending = self._pending, []
-        if not pending:
+        distributed = trainer.world_size > 1
+        if not pending and not distributed:
             return
-        finite = torch.isfinite(torch.stack([loss.float().reshape(()) for loss, *_ in pending]))
-        if bool(finite.all()):  # the one host sync for all pending steps
+        none = 2**30  # "no bad step"
+        if pending:
+            finite = torch.isfinite(torch.stack([loss.float().reshape(()) for loss, *_ in pending]))  # (n,)
+            steps = torch.arange(len(pending), device=finite.device)
+            first = torch.where(finite, torch.full_like(steps, none), steps).min()
+        else:
+            first = torch.tensor(none, device=trainer.strategy.root_device)
+        if distributed:
+            first = trainer.strategy.reduce(first, reduce_op="min")
+        first = int(first)  # the one host sync for all pending steps
+        if first == none:
             return
-        first = int((~finite).nonzero()[0])
-        loss, step, epoch, batch_idx = pending[first]
+        loss, step, epoch, batch_idx = pending[min(first, len(pending) - 1)] if pending else (None, "?", "?", "?")
+        local = loss is not None and not bool(torch.isfinite(loss).all())
+        value = f"became {loss.item()}" if local else "became non-finite on another process"
         last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
-        raise TrainingDiverged(f"the training loss became {loss.item()} in training step {step} (epoch {epoch}, "
+        raise TrainingDiverged(f"the training loss {value} in training step {step} (epoch {epoch}, "
                                f"batch {batch_idx}); {kept}; lower the learning rate or use gradient clipping "
                                "(--trainer.gradient_clip_val 1.0)")
 

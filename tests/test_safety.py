@@ -122,3 +122,55 @@ def test_two_fits_started_together_get_distinct_run_directories(tmp_path):
     folders = sorted(os.listdir(tmp_path / "quickstart"))
     assert len(folders) == 2
     assert all(os.path.isfile(tmp_path / "quickstart" / f / "results.json") for f in folders)
+
+
+DDP_NAN_SCRIPT = '''
+import sys
+sys.path.insert(0, {root!r})
+import lightning.pytorch as pl
+import torch
+from callbacks.safety import NonFiniteLossGuard, TrainingDiverged
+from datamodules import DigitsDataModule
+from lightning_modules import CNN
+
+
+class NanOnRank1(CNN):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_rank == 1 and self.global_step == 9 else loss
+
+
+pl.seed_everything(0)
+model = NanOnRank1(channels=[8], head_hidden=[], class_names=list("0123456789"), input_shape=(1, 8, 8))
+trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                     enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                     num_sanity_val_steps=0, limit_val_batches=0, callbacks=[NonFiniteLossGuard()],
+                     use_distributed_sampler=False,  # our loader shards by rank itself (as cli.py sets)
+                     default_root_dir={root_dir!r})
+try:
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=16))
+except TrainingDiverged as error:
+    print(f"rank {{trainer.global_rank}}: {{error}}", flush=True)
+    sys.exit(3)
+print(f"rank {{trainer.global_rank}}: finished", flush=True)
+'''
+
+
+@pytest.mark.slow
+def test_under_ddp_every_process_stops_at_the_same_check(tmp_path):
+    # the 10th loss is NaN on rank 1 only: rank 0's window is clean, yet both must stop at that check (a rank
+    # that went on would wait in the next gradient all-reduce for the one that stopped)
+    script = tmp_path / "ddp_nan.py"
+    script.write_text(DDP_NAN_SCRIPT.format(root=ROOT, root_dir=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("SLURM_JOB_ID", None)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(29500 + os.getpid() % 1000), str(script)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=240)
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert lines == ["rank 0: the training loss became non-finite on another process in training step 10 "
+                     "(epoch 0, batch 9); no checkpoint was saved yet; lower the learning rate or use gradient "
+                     "clipping (--trainer.gradient_clip_val 1.0)",
+                     "rank 1: the training loss became nan in training step 10 (epoch 0, batch 9); no checkpoint "
+                     "was saved yet; lower the learning rate or use gradient clipping "
+                     "(--trainer.gradient_clip_val 1.0)"], result.stdout[-2000:] + result.stderr[-3000:]
