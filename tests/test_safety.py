@@ -125,6 +125,7 @@ def test_two_fits_started_together_get_distinct_run_directories(tmp_path):
 
 
 DDP_NAN_SCRIPT = '''
+import os
 import sys
 sys.path.insert(0, {root!r})
 import lightning.pytorch as pl
@@ -150,9 +151,9 @@ trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp",
 try:
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=16))
 except TrainingDiverged as error:
-    print(f"rank {{trainer.global_rank}}: {{error}}", flush=True)
+    os.write(1, f"rank {{trainer.global_rank}}: {{error}}\\n".encode())  # one write: the ranks share the pipe
     sys.exit(3)
-print(f"rank {{trainer.global_rank}}: finished", flush=True)
+os.write(1, f"rank {{trainer.global_rank}}: finished\\n".encode())
 '''
 
 
