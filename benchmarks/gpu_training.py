@@ -22,23 +22,13 @@ import torch
 
 import cli
 from benchmarks.common import cuda_peak, markdown_table, peak_rss_mb, report, reset_cuda_peak, sync
-from benchmarks.input_pipeline import synthetic
+from benchmarks.input_pipeline import SyntheticData
 from benchmarks.training_loop import SyntheticCIFAR10
 from datamodules import EMNISTDataModule
 
 
-class SyntheticEMNIST(EMNISTDataModule):
+class SyntheticEMNIST(SyntheticData, EMNISTDataModule):
     """EMNIST-shaped (28x28 gray, 62 classes) random data in memory."""
-
-    samples = 10_000
-
-    def is_present(self) -> bool:
-        return True
-
-    def setup(self, stage=None) -> None:
-        if "train" not in self.splits:
-            synthetic(self, self.samples)
-            self.splits["val"] = self.splits["test"] = self.splits["train"]
 
 
 class SteadyState(pl.Callback):

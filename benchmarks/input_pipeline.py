@@ -51,6 +51,21 @@ def synthetic(datamodule, n: int, seed: int = 0):
     return images, labels
 
 
+class SyntheticData:
+    """Mixin for a datamodule class: random data of its dataset's shape in memory instead of files (benchmarks
+    need no download); `samples` images, the same ones as train, val and test."""
+
+    samples = 10_000
+
+    def is_present(self) -> bool:
+        return True
+
+    def setup(self, stage=None) -> None:
+        if "train" not in self.splits:
+            synthetic(self, self.samples)
+            self.splits["val"] = self.splits["test"] = self.splits["train"]
+
+
 def time_batches(batches, n_batches: int, device, step) -> float:
     """Seconds for n_batches after 3 warmup batches; `step` moves one batch to the device and finishes it."""
     iterator = iter(batches)

@@ -18,22 +18,12 @@ import torch
 
 import cli
 from benchmarks.common import cuda_peak, markdown_table, peak_rss_mb, report, reset_cuda_peak, sync
-from benchmarks.input_pipeline import synthetic
+from benchmarks.input_pipeline import SyntheticData
 from datamodules import CIFAR10DataModule
 
 
-class SyntheticCIFAR10(CIFAR10DataModule):
-    """CIFAR-10-shaped random data in memory (the benchmark needs no download)."""
-
-    samples = 10_000
-
-    def is_present(self) -> bool:
-        return True
-
-    def setup(self, stage=None) -> None:
-        if "train" not in self.splits:
-            synthetic(self, self.samples)
-            self.splits["val"] = self.splits["test"] = self.splits["train"]
+class SyntheticCIFAR10(SyntheticData, CIFAR10DataModule):
+    """CIFAR-10-shaped random data in memory."""
 
 
 def build(log_dir: str, device: str, epochs: int):
