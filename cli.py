@@ -24,7 +24,7 @@ from callbacks.figures import Figures
 from callbacks.results import ResultsFile, run_dir_of, run_fields
 from callbacks.safety import NonFiniteLossGuard, SafeInterrupt, TrainingDiverged
 from datamodules import ImageDataModule
-from errors import UserError, one_line_parse_error, user_error_in
+from errors import CommandInterrupted, UserError, one_line_errors, one_line_parse_error, user_error_in
 from lightning_modules import ClassificationModule
 
 GPU_PRECISIONS = {"16-mixed", "bf16-mixed", "16", "bf16", "16-true", "bf16-true", "transformer-engine"}
@@ -233,7 +233,9 @@ class ExperimentCLI(LightningCLI):
             self._write_results()
 
 
-def main(args=None, run: bool = True) -> ExperimentCLI:
+def run_cli(args=None, run: bool = True) -> ExperimentCLI:
+    """The whole command, raising instead of exiting: a UserError for a mistake the user can fix,
+    CommandInterrupted after a signal. What a failed command created and cannot resume from is removed."""
     torch.set_float32_matmul_precision("high")
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # tests pass args
     argv = sys.argv[1:] if args is None else args
@@ -245,23 +247,27 @@ def main(args=None, run: bool = True) -> ExperimentCLI:
                       trainer_defaults={"use_distributed_sampler": False})
     except SIGTERMException:  # Ctrl-C, SIGTERM or SLURM's SIGUSR1: a checkpoint was saved at a safe point
         _created_run_dirs.clear()
-        sys.exit(0 if os.environ.get("SLURM_JOB_ID") else 130)
+        raise CommandInterrupted("interrupted: stopped at a safe point", 0 if os.environ.get("SLURM_JOB_ID") else 130)
     except Exception as error:
-        error = user_error_in(error)
-        if error is None:
-            raise
+        user_error = user_error_in(error)
         for run_dir in _created_run_dirs:  # leave nothing half-written behind
-            if not isinstance(error, TrainingDiverged) and not any(name.endswith(".ckpt") for _, _, files in os.walk(run_dir) for name in files):
+            if user_error is not None and not isinstance(user_error, TrainingDiverged) and not any(
+                    name.endswith(".ckpt") for _, _, files in os.walk(run_dir) for name in files):
                 shutil.rmtree(run_dir, ignore_errors=True)
         _created_run_dirs.clear()
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        raise
     smoke_test = run and getattr(cli, "trainer", None) is not None and cli.trainer.fast_dev_run
     for run_dir in _created_run_dirs:
         if smoke_test or not any(files for _, _, files in os.walk(run_dir)):
             shutil.rmtree(run_dir, ignore_errors=True)  # fast_dev_run is a smoke test: it leaves no run folder
     _created_run_dirs.clear()
     return cli
+
+
+def main(args=None, run: bool = True) -> ExperimentCLI:
+    """`python cli.py ...`: run_cli behind the error boundary (one `error:` line, exit status 2)."""
+    with one_line_errors():
+        return run_cli(args, run)
 
 
 if __name__ == "__main__":

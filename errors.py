@@ -1,5 +1,7 @@
 """Mistakes a user can fix, and turning any of them into one line for the terminal."""
+import contextlib
 import re
+import sys
 from typing import Optional
 
 
@@ -51,3 +53,28 @@ def user_error_in(error: BaseException) -> Optional[BaseException]:
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
+
+
+class CommandInterrupted(Exception):
+    """Ctrl-C, SIGTERM or SLURM's SIGUSR1 stopped a command; what could be saved was saved."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """The error boundary of every entry point: a UserError (however wrapped) becomes `error: <one line>` on
+    stderr and exit status 2; an interrupted command prints its line and exits with its own status."""
+    try:
+        yield
+    except CommandInterrupted as interrupted:
+        print(str(interrupted), file=sys.stderr, flush=True)
+        sys.exit(interrupted.exit_code)
+    except Exception as error:
+        found = user_error_in(error)
+        if found is None:
+            raise
+        print(f"error: {found}", file=sys.stderr, flush=True)
+        sys.exit(2)
