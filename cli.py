@@ -6,14 +6,14 @@
     python cli.py fit --config configs/mnist_cnn.yaml --print_config
 """
 import datetime
+import glob
 import os
-import shutil
 import sys
 import warnings
 from typing import Optional
 
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ModelSummary, ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, ModelSummary, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -22,7 +22,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from callbacks.efficiency import EfficiencyMonitor
 from callbacks.figures import Figures
 from callbacks.results import ResultsFile, run_dir_of, run_fields
-from callbacks.safety import NonFiniteLossGuard, SafeInterrupt, TrainingDiverged
+from callbacks.checkpoints import BestAndLastCheckpoint
+from callbacks.safety import (STOP, NonFiniteLossGuard, SafeInterrupt, StopNow, TrainingDiverged, discard_run_dirs,
+                              interrupted_message)
 from datamodules import ImageDataModule
 from errors import CommandInterrupted, UserError, one_line_errors, one_line_parse_error, user_error_in
 from lightning_modules import ClassificationModule
@@ -100,7 +102,7 @@ class ExperimentCLI(LightningCLI):
         parser.add_argument("--experiment", type=str, default="experiment", help="name of the run folder under log_dir")
         parser.add_argument("--variant", type=Optional[str], default=None, help="ablation/variant name, appended")
         parser.add_argument("--log_dir", type=str, default="logs")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")  # last.ckpt = the newest state
         parser.set_defaults({"checkpoint.monitor": "val/loss", "checkpoint.mode": "min", "checkpoint.save_last": True,
                              "checkpoint.filename": "best-epoch{epoch:02d}", "checkpoint.auto_insert_metric_name": False})
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
@@ -144,6 +146,7 @@ class ExperimentCLI(LightningCLI):
             kwargs["logger"] = TensorBoardLogger(save_dir=config.log_dir, name=self.experiment_name,
                                                  version=os.path.basename(run_dir), default_hp_metric=False)
             kwargs.setdefault("default_root_dir", run_dir)  # SLURM's hpc checkpoints land here too
+            STOP.run_dir = run_dir
         self.results = ResultsFile()
         self.efficiency_summary = None
         self.efficiency = EfficiencyMonitor()
@@ -207,7 +210,18 @@ class ExperimentCLI(LightningCLI):
             raise UserError(f"checkpoint {path} does not exist; runs keep theirs in logs/<experiment>/<version>/"
                             "checkpoints/")
 
-    before_fit = before_validate = before_test = before_predict = _check_ckpt_path
+    before_validate = before_test = before_predict = _check_ckpt_path
+
+    def before_fit(self) -> None:
+        self._check_ckpt_path()
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        if STOP.under_slurm() and restarts and STOP.run_dir:  # a requeued job: resume from its newest state
+            saved = glob.glob(os.path.join(STOP.run_dir, "hpc_ckpt_*.ckpt"))
+            saved += glob.glob(os.path.join(STOP.run_dir, "checkpoints", "last.ckpt"))
+            if saved:  # the stop's hpc_ckpt_N, or last.ckpt after a crash or a kill that left no time to save
+                newest = max(saved, key=os.path.getmtime)
+                self.config_init[self.subcommand]["ckpt_path"] = newest
+                print(f"restart {restarts} of this job: resuming from {newest}", file=sys.stderr, flush=True)
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -235,32 +249,30 @@ class ExperimentCLI(LightningCLI):
 
 def run_cli(args=None, run: bool = True) -> ExperimentCLI:
     """The whole command, raising instead of exiting: a UserError for a mistake the user can fix,
-    CommandInterrupted after a signal. What a failed command created and cannot resume from is removed."""
+    CommandInterrupted after a signal (callbacks/safety.py says what a signal does at each moment). What a
+    failed command created and cannot resume from is removed."""
     torch.set_float32_matmul_precision("high")
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # tests pass args
     argv = sys.argv[1:] if args is None else args
     _subcommand[0] = argv[0] if run and argv and not argv[0].startswith("-") else "fit"
+    STOP.install()
     try:
         cli = ExperimentCLI(ClassificationModule, ImageDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                      seed_everything_default=0, parser_class=OneLineErrorParser,
-                      save_config_kwargs={"overwrite": True}, args=args, run=run,
-                      trainer_defaults={"use_distributed_sampler": False})
-    except SIGTERMException:  # Ctrl-C, SIGTERM or SLURM's SIGUSR1: a checkpoint was saved at a safe point
-        _created_run_dirs.clear()
-        raise CommandInterrupted("interrupted: stopped at a safe point", 0 if os.environ.get("SLURM_JOB_ID") else 130)
-    except Exception as error:
-        user_error = user_error_in(error)
-        for run_dir in _created_run_dirs:  # leave nothing half-written behind
-            if user_error is not None and not isinstance(user_error, TrainingDiverged) and not any(
-                    name.endswith(".ckpt") for _, _, files in os.walk(run_dir) for name in files):
-                shutil.rmtree(run_dir, ignore_errors=True)
-        _created_run_dirs.clear()
+                            seed_everything_default=0, parser_class=OneLineErrorParser,
+                            save_config_kwargs={"overwrite": True}, args=args, run=run,
+                            trainer_defaults={"use_distributed_sampler": False})
+    except (SIGTERMException, StopNow) as stop:  # a signal: SIGTERMException = stopped and saved at a safe point
+        discard_run_dirs(_created_run_dirs, failed=True)
+        message, exit_code = interrupted_message(getattr(stop, "signum", None) or STOP.received)
+        raise CommandInterrupted(message, exit_code) from None
+    except BaseException as error:
+        user_error = user_error_in(error) if isinstance(error, Exception) else None
+        discard_run_dirs(_created_run_dirs, failed=user_error is not None and not isinstance(user_error, TrainingDiverged))
         raise
-    smoke_test = run and getattr(cli, "trainer", None) is not None and cli.trainer.fast_dev_run
-    for run_dir in _created_run_dirs:
-        if smoke_test or not any(files for _, _, files in os.walk(run_dir)):
-            shutil.rmtree(run_dir, ignore_errors=True)  # fast_dev_run is a smoke test: it leaves no run folder
-    _created_run_dirs.clear()
+    finally:
+        STOP.restore()
+    discard_run_dirs(_created_run_dirs, failed=False, smoke_test=run and getattr(cli, "trainer", None) is not None
+                     and bool(cli.trainer.fast_dev_run))
     return cli
 
 

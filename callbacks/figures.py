@@ -16,8 +16,7 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from callbacks.results import ResultsFile, run_dir_of
-from visual.build import run_directory
+from callbacks.results import ResultsFile, run_dir_of, run_directory
 from visual.inputs import read_image, sample_image
 from visual.introspect import FigureSkipped, conv_pool_outputs, evaluating, first_conv_weight, input_device_dtype
 

@@ -41,3 +41,9 @@ def run_fields(experiment: str, base: str, variant, model: pl.LightningModule, d
     return {"experiment": experiment, "base_experiment": base, "variant": variant, "model": type(model).__name__,
             "dataset": getattr(datamodule, "name", type(datamodule).__name__), "seed": seed, "run_dir": run_dir,
             "params": count_parameters(model)}
+
+
+def run_directory(ckpt_path: str) -> str:
+    """logs/<experiment>/<version> for logs/<experiment>/<version>/checkpoints/<name>.ckpt."""
+    folder = os.path.dirname(os.path.abspath(ckpt_path))
+    return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder

@@ -1,12 +1,26 @@
-"""Stopping safely: a diverged loss, Ctrl-C / SIGTERM, and SLURM's pre-timeout signal.
+"""The stop path, in one place: a diverged loss, Ctrl-C / SIGTERM, SLURM's pre-timeout SIGUSR1, and what a
+stopped command leaves behind.
 
-Every stop happens at a safe point (between two training batches), where a checkpoint holds
-exactly the completed steps, so a resumed run loses and repeats nothing.
+A signal can arrive at any moment of any command. `STOP` (installed by cli.run_cli for the whole command)
+records it; what happens next depends on where the command is and whether it runs under SLURM:
+
+| moment                                  | off SLURM (Ctrl-C, SIGTERM)          | under SLURM (SIGUSR1, SIGTERM)              |
+|-----------------------------------------|--------------------------------------|---------------------------------------------|
+| parsing, setup, sanity check            | stop at once; nothing to save        | go on; stop after the first training batch  |
+| training (incl. validation, saving)     | stop after the current batch, save   | the same, save hpc_ckpt_N, requeue (USR1)    |
+|                                         | checkpoints/last.ckpt                | and resume there after the restart          |
+| testing (after fit, or a test command)  | stop at once; checkpoints stay       | finish the tests (short work), results.json |
+
+Stopping "after the current batch" uses Lightning's own SIGTERM path (the trainer's `received_sigterm` flag,
+checked where the loop's progress is complete), so a checkpoint taken there resumes without losing or
+repeating a step. A second Ctrl-C off SLURM stops at once.
 """
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import lightning.pytorch as pl
 import torch
@@ -77,71 +91,171 @@ class NonFiniteLossGuard(pl.Callback):
                                "(--trainer.gradient_clip_val 1.0)")
 
 
-class SafeInterrupt(pl.Callback):
-    """Ctrl-C, SIGTERM and SLURM's SIGUSR1 stop between batches and save a checkpoint there.
+class StopNow(BaseException):
+    """Raised by the signal handler where stopping at once is safe (nothing is being trained or saved)."""
 
-    Off SLURM the checkpoint is `checkpoints/last.ckpt` (resume with `--ckpt_path` on it). Under
-    SLURM, SIGUSR1 (sent `--signal=SIGUSR1@90` seconds before the time limit, or by
-    `scancel -s USR1`) saves Lightning's `hpc_ckpt_N.ckpt` in the run directory and requeues the
-    job; the restarted job resumes from it by itself, in the same run directory.
-    """
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """The process's Ctrl-C / SIGTERM / SIGUSR1 handler for the whole command; `phase` says what is running."""
 
     def __init__(self):
-        self.requeue = self.signalled = False
+        self._previous: dict[int, object] = {}
+        self.reset()
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.requeue = self.signalled = False
+    def reset(self) -> None:
+        self.received: int | None = None  # the first signal of this command
+        self.requeue = False  # SIGUSR1 under SLURM: requeue after saving
+        self.phase = "setup"  # setup -> training -> testing (set by SafeInterrupt's hooks)
+        self.saved = ""  # the checkpoint written at the safe point
+        self.run_dir: str | None = None  # the command's run folder, once claimed
+        self.trainer = None  # the trainer while it trains
+
+    @staticmethod
+    def under_slurm() -> bool:
+        return bool(os.environ.get("SLURM_JOB_ID"))
+
+    def install(self) -> None:
+        """Handlers for this command; `restore()` puts back whatever was there before (even SIG_IGN)."""
+        self.reset()
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
+    def __enter__(self) -> "StopSignals":  # `with STOP: trainer.fit(...)` outside cli.run_cli
+        self.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            if signum == signal.SIGTERM and self.requeue and self.saved:
+                continue  # `scontrol requeue` SIGTERMs the job next: it is expected, keep ignoring it
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
-        handlers = {signal.SIGINT: self._stop}
-        if os.environ.get("SLURM_JOB_ID"):
-            handlers[signal.SIGUSR1] = self._stop_and_requeue
-        for signum, handler in handlers.items():
-            self._previous[signum] = signal.signal(signum, handler)
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._restore_handlers()
+    def _stop_after_this_batch(self) -> None:
+        if self.phase == "training" and self.trainer is not None and self.trainer.world_size == 1:
+            self.trainer._signal_connector.received_sigterm = True  # Lightning stops once this step is complete
 
-    def _restore_handlers(self) -> None:
-        for signum, handler in getattr(self, "_previous", {}).items():
-            signal.signal(signum, handler)
-        self._previous = {}
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.under_slurm():  # never stop mid-work on a cluster: act at the next safe point, or finish
+            if self.received is None:
+                self.received, self.requeue = signum, signum == signal.SIGUSR1
+                self._stop_after_this_batch()
+                what = {"training": "saving after the current batch", "testing": "finishing the tests first"}
+                _say(f"received {name}: {what.get(self.phase, 'stopping after the first training batch')}")
+            return
+        if signum == signal.SIGUSR1:
+            return  # no meaning off SLURM
+        if self.phase != "training" or self.received is not None:
+            raise StopNow(signum)  # nothing half-done to protect (or the second Ctrl-C): stop now
+        self.received = signum
+        self._stop_after_this_batch()
+        _say(f"received {name}: stopping after the current batch (again to stop at once)")
 
-    def _stop(self, signum, frame) -> None:
-        print(f"\nreceived signal {signum}: stopping after the current batch", file=sys.stderr, flush=True)
-        self.signalled = True
-        if self._trainer.world_size == 1:
-            self._trainer._signal_connector.received_sigterm = True  # Lightning stops at the next safe point
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.world_size > 1:  # ranks get a signal at different batches: all must stop after the same one
-            flags = torch.tensor([int(self.signalled), int(self.requeue)], device=pl_module.device)
-            signalled, requeue = trainer.strategy.reduce(flags, reduce_op="max").tolist()
-            if signalled:
-                self.signalled, self.requeue = True, bool(requeue)
-                trainer._signal_connector.received_sigterm = True
+def _say(line: str) -> None:
+    os.write(2, f"\n{line}\n".encode())  # os.write: a print() inside a signal handler can re-enter a print
 
-    def _stop_and_requeue(self, signum, frame) -> None:
-        self.requeue = True
-        self._stop(signum, frame)
+
+STOP = StopSignals()
+
+
+class SafeInterrupt(pl.Callback):
+    """Stops training at a safe point after a signal that `STOP` recorded, and saves a checkpoint there.
+
+    cli.run_cli installs `STOP` for the whole command; a plain Trainer needs `with STOP: trainer.fit(...)`.
+
+    Off SLURM the checkpoint is `checkpoints/last.ckpt` (resume with `--ckpt_path` on it). Under SLURM it is
+    Lightning's `hpc_ckpt_N.ckpt` in the run directory, which a restarted job resumes from by itself in the
+    same run directory; SIGUSR1 (sent `--signal=SIGUSR1@90` seconds before the time limit, or by
+    `scancel -s USR1`) also requeues the job.
+    """
 
     def setup(self, trainer, pl_module, stage) -> None:
-        self._trainer = trainer
+        STOP.phase = "setup" if stage == "fit" else "testing"
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        STOP.phase, STOP.trainer = "training", trainer
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        STOP.phase, STOP.trainer = "testing", None
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        STOP.phase = "testing"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        signalled, requeue = STOP.received is not None, STOP.requeue
+        if trainer.world_size > 1:  # ranks get a signal at different batches: all must stop after the same one
+            flags = torch.tensor([int(signalled), int(requeue)], device=pl_module.device)
+            signalled, requeue = (bool(f) for f in trainer.strategy.reduce(flags, reduce_op="max").tolist())
+        if signalled:
+            STOP.requeue = requeue
+            trainer._signal_connector.received_sigterm = True  # Lightning stops once this step is complete
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        self._restore_handlers()
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
-            return
-        if self.requeue:
+        STOP.trainer = None
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            self._save(trainer)
+
+    def _save(self, trainer) -> None:
+        if STOP.under_slurm():  # the restarted job finds it by itself
             path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
         else:
             path = os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
         trainer.save_checkpoint(path)  # written to a temp file and moved: never half-written
+        STOP.saved = path
         print(f"saved {path} at step {trainer.global_step}", file=sys.stderr, flush=True)
-        if self.requeue:  # the requeue SIGTERMs every rank; under DDP Lightning's handler would broadcast to dead ranks
+        if STOP.requeue:  # the requeue SIGTERMs every rank; under DDP Lightning's handler would broadcast to dead ranks
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if self.requeue and trainer.is_global_zero:
+        if STOP.requeue and trainer.is_global_zero:
             job = os.environ.get("SLURM_ARRAY_JOB_ID")
             job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ["SLURM_JOB_ID"]
             result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
             print(f"requeued SLURM job {job}" if result.returncode == 0 else
                   f"could not requeue SLURM job {job}: {result.stderr.strip()}", file=sys.stderr, flush=True)
+
+
+def interrupted_message(signum: int | None) -> tuple[str, int]:
+    """The one line (and exit status) a stopped command ends with, saying what was saved and how to go on."""
+    run_dir = STOP.run_dir
+    name = signal.Signals(signum).name if signum else "a signal"
+    if STOP.saved and STOP.under_slurm():
+        return (f"stopped by {name}: saved {STOP.saved}; " +
+                ("the job was requeued and resumes there" if STOP.requeue else
+                 "a requeued job resumes there"), 0)
+    if STOP.saved:
+        config = os.path.join(run_dir, "config.yaml") if run_dir else "<run dir>/config.yaml"
+        return (f"interrupted by {name}: saved {STOP.saved}; resume with python cli.py fit --config {config} "
+                f"--ckpt_path {STOP.saved}", 130)
+    if run_dir and _has_checkpoints(run_dir):
+        return (f"interrupted by {name} while {'testing' if STOP.phase == 'testing' else STOP.phase}: the "
+                f"checkpoints are kept in {os.path.join(run_dir, 'checkpoints')}; score one with python cli.py test "
+                f"--config {os.path.join(run_dir, 'config.yaml')} --ckpt_path <checkpoint>", 130)
+    return f"interrupted by {name} before training started: nothing to save", 130
+
+
+def _has_checkpoints(run_dir: str) -> bool:
+    return any(name.endswith(".ckpt") for _, _, files in os.walk(run_dir) for name in files)
+
+
+def discard_run_dirs(run_dirs: list[str], failed: bool, smoke_test: bool = False) -> None:
+    """What a command leaves behind: a run folder it created is removed when the command failed (a user's
+    mistake, or interrupted) before its first checkpoint, when it holds nothing at all, or after a fast_dev_run
+    smoke test. A crash (our bug, not the user's) and a diverged run keep theirs."""
+    for run_dir in run_dirs:
+        if smoke_test or not any(files for _, _, files in os.walk(run_dir)) or (failed and not _has_checkpoints(run_dir)):
+            shutil.rmtree(run_dir, ignore_errors=True)
+    run_dirs.clear()

@@ -38,9 +38,3 @@ def build_experiment(configs: list[str], overrides=()):
         warnings.filterwarnings("ignore", message=".*args parameter is intended")  # our args are not sys.argv
         arguments = [arg for path in configs for arg in ("--config", model_only_config(path, folder))]
         return cli.main([*arguments, "--trainer.logger", "false", *overrides], run=False)
-
-
-def run_directory(ckpt_path: str) -> str:
-    """logs/<experiment>/<version> for logs/<experiment>/<version>/checkpoints/<name>.ckpt."""
-    folder = os.path.dirname(os.path.abspath(ckpt_path))
-    return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder

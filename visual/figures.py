@@ -18,7 +18,8 @@ import torch
 
 from callbacks.figures import Figures
 from errors import UserError
-from visual.build import build_experiment, run_directory
+from callbacks.results import run_directory
+from visual.build import build_experiment
 
 
 def make_figures(ckpt: str, configs=None, out=None, image=None, image_path=None, overrides=()) -> dict[str, str]:

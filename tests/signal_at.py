@@ -1,0 +1,58 @@
+"""A test-only callback that signals its own command at a chosen moment (as Ctrl-C, `kill` or SLURM would).
+
+    python cli.py fit ... --trainer.callbacks+ tests.signal_at.SignalAt --trainer.callbacks.moment sanity_check
+
+Under SLURM the signal goes through `scancel --signal` (to every task of the job, as SLURM's pre-timeout signal
+does), and only in the job's first run, so a requeued job is not signalled again.
+"""
+import os
+import signal
+import subprocess
+import time
+
+import lightning.pytorch as pl
+
+from callbacks.safety import STOP
+
+MOMENTS = ("setup", "sanity_check", "training", "validation", "testing")
+
+
+class SignalAt(pl.Callback):
+    """Sends `signum` (SIGINT, SIGTERM or SIGUSR1) when the command reaches `moment`."""
+
+    def __init__(self, moment: str = "training", signum: str = "SIGINT"):
+        assert moment in MOMENTS, moment
+        self.moment, self.signum, self.sent = moment, signal.Signals[signum], False
+
+    def _fire(self, moment: str) -> None:
+        if moment != self.moment or self.sent or int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+            return
+        self.sent = True
+        job = os.environ.get("SLURM_JOB_ID")
+        if job is None:
+            os.kill(os.getpid(), self.signum)  # the handler runs before the next line
+            return
+        if int(os.environ.get("SLURM_PROCID", "0")) == 0:
+            subprocess.run(["scancel", f"--signal={self.signum.name[3:]}", job], check=True)
+        for _ in range(300):  # delivered asynchronously: wait here, so it lands in this moment
+            if STOP.received is not None:
+                return
+            time.sleep(0.1)
+
+    def setup(self, trainer, pl_module, stage):
+        if stage == "fit":
+            self._fire("setup")
+
+    def on_sanity_check_start(self, trainer, pl_module):
+        self._fire("sanity_check")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 2:
+            self._fire("training")
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            self._fire("validation")
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._fire("testing")

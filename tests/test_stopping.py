@@ -1,0 +1,97 @@
+"""A signal at any moment of a command (off SLURM; tests/test_slurm.py has the cluster side), and last.ckpt."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cli
+from callbacks.safety import STOP
+from tests.conftest import ROOT
+
+QUICK = ["--config", "configs/quickstart.yaml", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4",
+         "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2", "--trainer.enable_progress_bar",
+         "false", "--figures.enabled", "false"]
+
+
+def signalled_fit(tmp_path, moment: str, signum: str, *extra: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    return subprocess.run([sys.executable, "cli.py", "fit", *QUICK, "--log_dir", str(tmp_path), *extra,
+                           "--trainer.callbacks+", "tests.signal_at.SignalAt", "--trainer.callbacks.moment", moment,
+                           "--trainer.callbacks.signum", signum],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def last_line(result) -> str:
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment,signum", [("setup", "SIGINT"), ("sanity_check", "SIGTERM")])
+def test_a_signal_before_training_stops_at_once_and_leaves_nothing(tmp_path, moment, signum):
+    result = signalled_fit(tmp_path, moment, signum)
+    assert result.returncode == 130
+    assert last_line(result) == f"interrupted by {signum} before training started: nothing to save"
+    assert not os.listdir(tmp_path / "quickstart")  # the run folder it created is gone
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment,signum", [("training", "SIGTERM"), ("validation", "SIGINT")])
+def test_a_signal_while_training_saves_last_and_says_how_to_resume(tmp_path, moment, signum):
+    result = signalled_fit(tmp_path, moment, signum)
+    assert result.returncode == 130
+    (run,) = os.listdir(tmp_path / "quickstart")
+    last = tmp_path / "quickstart" / run / "checkpoints" / "last.ckpt"
+    assert last_line(result) == (f"interrupted by {signum}: saved {last}; resume with python cli.py fit --config "
+                                 f"{tmp_path / 'quickstart' / run / 'config.yaml'} --ckpt_path {last}")
+    step = torch.load(last, weights_only=True)["global_step"]
+    assert step == (2 if moment == "training" else 4)  # validation runs after the 4th batch: stop after it
+    assert not os.path.exists(tmp_path / "quickstart" / run / "results.json")
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_testing_keeps_the_checkpoints_and_names_them(tmp_path):
+    result = signalled_fit(tmp_path, "testing", "SIGINT")
+    assert result.returncode == 130
+    (run,) = os.listdir(tmp_path / "quickstart")
+    folder = tmp_path / "quickstart" / run
+    assert last_line(result).startswith(f"interrupted by SIGINT while testing: the checkpoints are kept in "
+                                        f"{folder / 'checkpoints'}; score one with python cli.py test")
+    assert "last.ckpt" in os.listdir(folder / "checkpoints")
+    assert not os.path.exists(folder / "results.json")
+
+
+def test_handlers_are_restored_to_whatever_they_were(tmp_path):
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job
+    try:
+        cli.run_cli(["fit", *QUICK, "--trainer.max_epochs", "1", "--log_dir", str(tmp_path)])
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL and not STOP.installed
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.slow
+def test_last_ckpt_is_the_final_state_after_early_stopping_past_the_best_epoch(tmp_path):
+    # monitoring val/loss for its maximum makes epoch 0 the best; early stopping (min, patience 1) ends the fit
+    # later, so the best and the final state differ: last.ckpt must be the final one
+    created = cli.run_cli(["fit", *QUICK, "--trainer.max_epochs", "6", "--trainer.limit_train_batches", "3",
+                           "--checkpoint.mode", "max", "--early_stopping.patience", "1",
+                           "--early_stopping.monitor", "val/acc", "--early_stopping.mode", "min",
+                           "--log_dir", str(tmp_path)])
+    trainer = created.trainer
+    folder = tmp_path / "quickstart" / os.listdir(tmp_path / "quickstart")[0]
+    best = torch.load(trainer.checkpoint_callback.best_model_path, weights_only=True)
+    last = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
+    assert best["epoch"] == 0 and best["global_step"] == 3
+    assert last["global_step"] == trainer.global_step > best["global_step"]
+    assert last["epoch"] == trainer.current_epoch - 1  # saved at the end of the last epoch that ran
+    model = created.model
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in last["state_dict"].items())
+    results = json.loads((folder / "results.json").read_text())
+    assert results["checkpoints"]["last"].endswith("last.ckpt")
+    assert results["test"]["best"] != results["test"]["last"]  # two different checkpoints were scored
