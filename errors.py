@@ -72,6 +72,9 @@ def one_line_errors():
     except CommandInterrupted as interrupted:
         print(str(interrupted), file=sys.stderr, flush=True)
         sys.exit(interrupted.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C in an entry point without a safe point to reach (report, figures, ...)
+        print("interrupted by SIGINT", file=sys.stderr, flush=True)
+        sys.exit(130)
     except Exception as error:
         found = user_error_in(error)
         if found is None:

@@ -349,3 +349,42 @@ def test_bad_config_fails_fast_with_one_error_line_in_the_job_output(slurm, chec
     minutes, seconds = map(int, record["RunTime"].split(":")[-2:])
     assert minutes * 60 + seconds < 120
     assert not os.path.exists(checkout[0] / "logs" / "bad")  # no run folder left behind
+
+
+# (template, the moment SIGUSR1 arrives, what the job does): before training it trains one batch, saves and
+# requeues; while testing it finishes the tests, which are short; either way it ends COMPLETED with results.json
+SIGNALLED = [("fit.sbatch", "setup", "requeue"), ("fit.sbatch", "sanity_check", "requeue"),
+             ("fit.sbatch", "testing", "finish"), ("clip_eval.sbatch", "testing", "finish")]
+
+
+@pytest.mark.slurm
+def test_a_signal_at_any_moment_ends_completed_with_results(slurm, checkout):
+    signal_at = ["--trainer.callbacks+", "tests.signal_at.SignalAt", "--trainer.callbacks.signum", "SIGUSR1"]
+    fit = ["configs/quickstart.yaml", *CPU, *NO_FIGURES, "--trainer.max_epochs", "2",
+           "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "2"]
+    args = {"fit.sbatch": fit, "clip_eval.sbatch": [*TINY, *NO_FIGURES, *CIFAR_AS_MNIST]}
+    jobs = [sbatch(slurm, checkout, template, *args[template], *signal_at, "--trainer.callbacks.moment", moment)
+            for template, moment, _ in SIGNALLED]
+    try:
+        deadline, pending = time.time() + 600, set(jobs)
+        while pending and time.time() < deadline:
+            for job in list(pending):
+                (record,) = slurm.jobs(job)
+                if record["JobState"] == "PENDING" and record["Restarts"] != "0":
+                    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip the requeue delay
+                elif record["JobState"] in FINISHED:
+                    pending.discard(job)
+            time.sleep(1)
+        assert not pending, [slurm.jobs(job) for job in pending]
+        for job, (template, moment, action) in zip(jobs, SIGNALLED):
+            out = output(checkout, header(template)["job-name"], job)
+            (record,) = slurm.jobs(job)
+            assert (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0"), (moment, out[-3000:])
+            assert "Traceback" not in out and len(glob.glob(str(checkout[0] / "logs" / "*" / job / "results.json"))) == 1
+            if action == "requeue":
+                assert record["Restarts"] == "1" and f"requeued SLURM job {job}" in out, out[-3000:]
+                assert re.search(r"restart 1 of this job: resuming from \S+/hpc_ckpt_1\.ckpt", out), out[-3000:]
+            else:
+                assert record["Restarts"] == "0" and "received SIGUSR1: finishing the tests first" in out, out[-3000:]
+    finally:
+        subprocess.run(["scancel", *jobs], env=slurm.env)
