@@ -23,6 +23,7 @@ from callbacks.efficiency import EfficiencyMonitor
 from callbacks.figures import Figures
 from callbacks.results import ResultsFile, run_dir_of, run_fields
 from callbacks.safety import NonFiniteLossGuard, SafeInterrupt, TrainingDiverged
+from callbacks.trainable_set import TrainableSetSync
 from datamodules import ImageDataModule
 from errors import CommandInterrupted, UserError, one_line_errors, one_line_parse_error, user_error_in
 from lightning_modules import ClassificationModule
@@ -150,7 +151,7 @@ class ExperimentCLI(LightningCLI):
         self.interrupt = SafeInterrupt()
         extra_callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         extra_callbacks += [self.results, self.efficiency, ModelSummary(max_depth=3), NonFiniteLossGuard(),
-                            self.interrupt]
+                            self.interrupt, TrainableSetSync()]
         self.figures = next((c for c in extra_callbacks if isinstance(c, Figures)), None)
         if self.figures is not None:
             self.figures.curves_after_fit = False  # after_fit tests the checkpoints and the test draws the curves

@@ -167,7 +167,8 @@ class ImageDataModule(pl.LightningDataModule):
         data = self.splits[split]
         rank, world_size = self._rank()
         sampler = EpochBatchSampler(len(data), self.batch_size if train else self.eval_batch_size, shuffle=train,
-                                    seed=self.seed, drop_last=False, rank=rank, world_size=world_size)
+                                    seed=self.seed, drop_last=False, rank=rank, world_size=world_size,
+                                    even_shards=train)
         pin = self.pin_memory and torch.cuda.is_available()
         progress = self._batches_consumed if train else None
         return BatchLoader(data, sampler, pin_memory=pin, progress=progress)

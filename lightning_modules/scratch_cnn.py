@@ -69,6 +69,12 @@ class ScratchCNN(ClassificationModule):
             setattr(self.net.layers[int(index)], name, param)
             self.scratch_params[key.replace(".", "_")] = param
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.trainer.world_size > 1:  # DDP cannot wrap a model without autograd parameters
+            raise UserError("the scratch CNN trains on one device only (its hand-written SGD has no gradient "
+                            "all-reduce); use --trainer.devices 1")
+
     def configure_optimizers(self):
         hp = self.hparams
         return self.with_schedule(ScratchOptimizer(self.scratch_params.values(), hp.lr, hp.momentum, hp.weight_decay))
