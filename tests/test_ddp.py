@@ -1,0 +1,128 @@
+"""DDP on CPU (gloo) through `python cli.py`: identical ranks after staged unfreezing, every sample scored once,
+and checkpoints that load with fewer CUDA devices than they were saved with."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from datamodules.loader import EpochBatchSampler
+from lightning_modules import CNN
+from tests.conftest import ROOT
+from tests.fixtures import write_mnist
+
+N_VAL, N_TEST = 13, 21  # odd: neither divides by the world size
+
+
+def _config(tmp_path, devices: int) -> str:
+    config = {
+        "experiment": "ddp", "log_dir": str(tmp_path / "logs"), "seed_everything": 0,
+        "data": {"class_path": "datamodules.MNISTDataModule",
+                 "init_args": {"data_dir": str(tmp_path / "data"), "download": False, "val_size": N_VAL,
+                               "batch_size": 8, "pin_memory": False}},
+        "model": {"class_path": "lightning_modules.CNN", "init_args": {"channels": [4, 8], "head_hidden": [],
+                                                                        "lr": 0.01}},
+        "trainer": {"max_epochs": 2, "accelerator": "cpu", "devices": devices,
+                    "strategy": "ddp" if devices > 1 else "auto", "enable_progress_bar": False,
+                    "callbacks": [
+                        {"class_path": "callbacks.staged_unfreezing.StagedUnfreezing",  # features join at epoch 1
+                         "init_args": {"milestones": [1], "stages": [["features"]]}},
+                        {"class_path": "tests.ddp_probe.RankProbe",
+                         "init_args": {"out_dir": str(tmp_path / f"probe{devices}")}}]},
+        "figures": {"enabled": False},
+    }
+    path = tmp_path / f"config{devices}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _counts(probe_dir, stage: str) -> list[dict]:
+    return [json.load(open(path)) for path in sorted(glob.glob(os.path.join(probe_dir, f"{stage}-rank*.json")))]
+
+
+@pytest.fixture(scope="module")
+def ddp_fit(tmp_path_factory):
+    """One 2-process fit (~40 s on 2 CPUs): staged unfreezing crosses a milestone at epoch 1."""
+    tmp_path = tmp_path_factory.mktemp("ddp")
+    write_mnist(str(tmp_path / "data"), n_train=67, n_test=N_TEST)
+    _cli("fit", "--config", _config(tmp_path, 2))
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_ddp_fit_with_staged_unfreezing_ends_with_identical_ranks(ddp_fit):
+    ranks = [torch.load(ddp_fit / "probe2" / f"fit-rank{r}.pt") for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys()
+    different = [name for name in ranks[0] if not torch.equal(ranks[0][name], ranks[1][name])]
+    assert not different, f"parameters differ between the ranks: {different}"
+    run = glob.glob(str(ddp_fit / "logs" / "ddp" / "*" / "checkpoints"))
+    assert len(run) == 1  # both ranks used one run folder
+    run = [os.path.dirname(run[0])]
+    efficiency = json.load(open(os.path.join(run[0], "results.json")))["efficiency"]
+    assert list(efficiency["trainable_params_per_stage"]) == ["0", "1"]  # the milestone was crossed
+
+
+@pytest.mark.slow
+def test_ddp_val_and_test_score_every_sample_once(ddp_fit):
+    val, test = _counts(ddp_fit / "probe2", "fit"), _counts(ddp_fit / "probe2", "test")
+    assert len(val) == len(test) == 2
+    assert sum(c["val"] for c in val) == N_VAL and sum(c["test"] for c in test) == N_TEST
+
+
+@pytest.mark.slow
+def test_ddp_test_of_a_checkpoint_matches_one_process(ddp_fit):
+    ckpt = glob.glob(str(ddp_fit / "logs" / "ddp" / "*" / "checkpoints" / "last.ckpt"))[0]
+    scores = {}
+    for devices in (1, 2):
+        out = _cli("test", "--config", _config(ddp_fit, devices), "--ckpt_path", ckpt).stdout
+        results = [line.split("results: ", 1)[1] for line in out.splitlines() if line.startswith("results: ")]
+        scores[devices] = json.load(open(results[-1]))["test"]["final"]
+        assert sum(c["test"] for c in _counts(ddp_fit / f"probe{devices}", "test")) == N_TEST
+    assert scores[1]["acc"] == scores[2]["acc"]
+    assert scores[1]["loss"] == pytest.approx(scores[2]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("num_samples", [0, 1, 5, 13, 16])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_evaluation_shards_cover_every_sample_once(num_samples, world_size):
+    shards = [list(EpochBatchSampler(num_samples, 4, shuffle=False, rank=r, world_size=world_size, even_shards=False))
+              for r in range(world_size)]
+    scored = sorted(i for shard in shards for batch in shard for i in batch.tolist())
+    assert scored == list(range(num_samples))
+    for rank, shard in enumerate(shards):
+        assert len(shard) == len(EpochBatchSampler(num_samples, 4, False, rank=rank, world_size=world_size,
+                                                   even_shards=False))
+        assert num_samples == 0 or len(shard) >= 1  # every rank runs the epoch's hooks (the metrics' gather)
+
+
+def test_training_shards_are_equal(world_size=3):
+    lengths = {len(list(EpochBatchSampler(13, 2, True, rank=r, world_size=world_size))) for r in range(world_size)}
+    assert lengths == {2}  # 4 samples each, the 13th is dropped: every rank steps the same number of times
+
+
+def test_checkpoint_with_more_cuda_rng_states_than_devices_loads(monkeypatch):
+    """Saved where 4 GPUs were visible (fabricated states), loaded where there is 1 GPU, and where there is none."""
+    model = CNN(num_classes=10, input_shape=(1, 28, 28), channels=[4])
+    states = [torch.full((16,), i, dtype=torch.uint8) for i in range(4)]
+    checkpoint = {"model_class": "CNN", "torch_rng_state": torch.get_rng_state(), "cuda_rng_states": states}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((device, state)))
+    model.on_load_checkpoint(checkpoint)
+    assert [(device, state[0].item()) for device, state in restored] == [(0, 0)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    restored.clear()
+    model.on_load_checkpoint(checkpoint)
+    assert restored == []
