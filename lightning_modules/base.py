@@ -188,6 +188,10 @@ class ClassificationModule(pl.LightningModule):
 
     def build_optimizer(self, params) -> torch.optim.Optimizer:
         hp = self.hparams
+        if hp.optimizer != "sgd" and self.dtype == torch.float16:  # the parameters' dtype at 16-true
+            raise UserError(f"{hp.optimizer} cannot train float16 parameters (precision 16-true): its eps of 1e-8 "
+                            "is 0 in float16, so the first step divides by zero; use 16-mixed or bf16-true, "
+                            "or --model.init_args.optimizer sgd")
         if hp.optimizer == "sgd":
             optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
                                         weight_decay=hp.weight_decay)
