@@ -29,9 +29,9 @@ from datamodules import ImageDataModule
 from errors import CommandInterrupted, UserError, one_line_errors, one_line_parse_error, user_error_in
 from lightning_modules import ClassificationModule
 
-# --trainer.precision where the fit runs on a CPU (README "Precision"): automatic mixed precision is a GPU
-# speed-up, so the shipped GPU configs (bf16-mixed) fall back to 32-true there with a warning; the "-true"
-# precisions (the model itself in 16/64 bits) train on a CPU as asked; NVIDIA's Transformer Engine is refused
+# --trainer.precision without a GPU (README "Precision"): automatic mixed precision is a GPU speed-up, so the
+# shipped GPU configs (bf16-mixed) fall back to 32-true there with a warning; the "-true" precisions (the model
+# itself in 16/64 bits) train on a CPU as asked; NVIDIA's Transformer Engine is refused without CUDA + package
 MIXED_PRECISIONS = {"16-mixed", "bf16-mixed", "16", "bf16"}
 CUDA_ONLY_PRECISIONS = {"transformer-engine", "transformer-engine-float16"}
 _subcommand = ["fit"]  # for the "see python cli.py fit --help" hint
@@ -167,14 +167,14 @@ class ExperimentCLI(LightningCLI):
         return self._instantiate_trainer({**self._get(self.config_init, "trainer", default={}), **kwargs},
                                          extra_callbacks)
 
-    def _check_precision(self, precision: str, accelerator, kwargs: dict) -> None:
-        on_cpu = accelerator == "cpu" or not torch.cuda.is_available()
-        if precision in CUDA_ONLY_PRECISIONS and (on_cpu or importlib.util.find_spec("transformer_engine") is None):
+    @staticmethod
+    def _check_precision(precision: str, accelerator, kwargs: dict) -> None:
+        gpu = torch.cuda.is_available() and accelerator != "cpu"
+        if precision in CUDA_ONLY_PRECISIONS and not (gpu and importlib.util.find_spec("transformer_engine")):
             raise UserError(f"precision {precision} needs a CUDA GPU and NVIDIA's transformer_engine package; "
                             "use bf16-mixed (GPU) or 32-true")
-        if precision in MIXED_PRECISIONS and on_cpu:
-            print(f"warning: precision {precision} (mixed) is a GPU speed-up and this fit runs on the CPU; "
-                  "training in 32-true", file=sys.stderr)
+        if precision in MIXED_PRECISIONS and not torch.cuda.is_available():
+            print(f"warning: precision {precision} needs a GPU and there is none; training in 32-true", file=sys.stderr)
             kwargs["precision"] = "32-true"
 
     def _write_results(self) -> None:
