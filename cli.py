@@ -6,6 +6,7 @@
     python cli.py fit --config configs/mnist_cnn.yaml --print_config
 """
 import datetime
+import functools
 import importlib.util
 import os
 import shutil
@@ -46,11 +47,27 @@ def run_version() -> str:
         return os.environ["SLURM_JOB_ID"]
     if is_worker_process() and os.environ.get("RUN_VERSION"):
         return os.environ["RUN_VERSION"]  # chosen by rank 0, which started this DDP worker
+    if is_worker_process() and torchrun_store() is not None:
+        return torchrun_store().get(_torchrun_key()).decode()  # waits until rank 0 has claimed its folder
     return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 def is_worker_process() -> bool:
-    return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
+    return any(int(os.environ.get(key, "0")) > 0 for key in ("LOCAL_RANK", "NODE_RANK", "RANK"))
+
+
+def _torchrun_key() -> str:  # a restarted torchrun attempt claims a folder of its own
+    return f"cli/run_version/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+@functools.cache
+def torchrun_store() -> Optional[torch.distributed.TCPStore]:
+    """The store torchrun's agent serves at MASTER_ADDR:MASTER_PORT (TORCHELASTIC_USE_AGENT_STORE), as a client:
+    the ranks torchrun starts share no environment, so rank 0 publishes its run folder's name here."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not os.environ.get("MASTER_ADDR"):
+        return None
+    return torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                      timeout=datetime.timedelta(minutes=10))
 
 
 def claim_run_dir(log_dir: str, experiment: str) -> str:
@@ -77,6 +94,8 @@ def claim_run_dir(log_dir: str, experiment: str) -> str:
             os.mkdir(os.path.join(parent, version))
             _created_run_dirs.append(os.path.join(parent, version))
             os.environ["RUN_VERSION"] = version  # DDP workers started by Lightning inherit it
+            if torchrun_store() is not None:
+                torchrun_store().set(_torchrun_key(), version)
             return os.path.join(parent, version)
         except FileExistsError:
             n += 1

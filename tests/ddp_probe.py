@@ -32,7 +32,7 @@ class RankProbe(pl.Callback):
         if stage == "fit":
             torch.save({k: v.detach().cpu() for k, v in pl_module.named_parameters()}, base + ".pt")
         with open(base + ".json", "w") as f:
-            json.dump(self.counts, f)
+            json.dump({**self.counts, "run_dir": trainer.default_root_dir}, f)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._write(trainer, pl_module, "fit")

@@ -1,5 +1,6 @@
 """DDP on CPU (gloo) through `python cli.py`: identical ranks after staged unfreezing, every sample scored once,
 and checkpoints that load with fewer CUDA devices than they were saved with."""
+import datetime
 import glob
 import json
 import os
@@ -92,6 +93,27 @@ def test_ddp_test_of_a_checkpoint_matches_one_process(ddp_fit):
     assert scores[1]["loss"] == pytest.approx(scores[2]["loss"], rel=1e-5)
 
 
+@pytest.mark.slow
+def test_torchrun_ranks_share_one_run_folder(tmp_path):
+    """torchrun starts every rank itself (no RUN_VERSION inherited from rank 0). Folders named after the next
+    minutes' timestamps already exist, so rank 0 claims `<timestamp>-2`; a rank that picked its own timestamp
+    would land in `<timestamp>`."""
+    write_mnist(str(tmp_path / "data"), n_train=67, n_test=N_TEST)
+    config = _config(tmp_path, 2)
+    now = datetime.datetime.now()
+    for second in range(600):
+        os.makedirs(tmp_path / "logs" / "ddp" / (now + datetime.timedelta(seconds=second)).strftime("%Y%m%d-%H%M%S"))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(29500 + os.getpid() % 1000 + 1), "cli.py", "fit", "--config", config,
+                             "--trainer.max_epochs", "1"], cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dirs = {c["run_dir"] for c in _counts(tmp_path / "probe2", "fit")}
+    assert len(run_dirs) == 1 and next(iter(run_dirs)).endswith("-2"), run_dirs
+    assert len(_counts(tmp_path / "probe2", "fit")) == 2
+
+
 @pytest.mark.parametrize("num_samples", [0, 1, 5, 13, 16])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_evaluation_shards_cover_every_sample_once(num_samples, world_size):
@@ -126,3 +148,28 @@ def test_checkpoint_with_more_cuda_rng_states_than_devices_loads(monkeypatch):
     restored.clear()
     model.on_load_checkpoint(checkpoint)
     assert restored == []
+
+
+def test_throughput_counts_training_time_only(monkeypatch):
+    """Validation runs inside the training epoch (before on_train_epoch_end); a scripted clock, no timing."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from callbacks import efficiency
+
+    class Model(torch.nn.Linear):
+        def log(self, name, value):
+            self.logged = (name, value)
+
+    clock = iter([0.0, 1.0, 11.0, 12.0])  # epoch start, validation start, validation end, epoch end
+    monkeypatch.setattr(efficiency.time, "perf_counter", lambda: next(clock))
+    trainer = SimpleNamespace(current_epoch=0, world_size=2, state=SimpleNamespace(fn=TrainerFn.FITTING))
+    model, monitor = Model(2, 2), efficiency.EfficiencyMonitor()
+    monitor.on_train_epoch_start(trainer, model)
+    monitor.on_train_batch_end(trainer, model, None, (None, torch.zeros(10)), 0)
+    monitor.on_validation_start(trainer, model)
+    monitor.on_validation_end(trainer, model)
+    monitor.on_train_epoch_end(trainer, model)
+    assert monitor.train_seconds == 2.0  # 12 s of epoch minus 10 s of validation
+    assert model.logged == ("efficiency/images_per_s", 10 * 2 / 2.0)
