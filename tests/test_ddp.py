@@ -19,7 +19,7 @@ from tests.fixtures import write_mnist
 N_VAL, N_TEST = 13, 21  # odd: neither divides by the world size
 
 
-def _config(tmp_path, devices: int) -> str:
+def _config(tmp_path, devices: int, probe: str = "") -> str:
     config = {
         "experiment": "ddp", "log_dir": str(tmp_path / "logs"), "seed_everything": 0,
         "data": {"class_path": "datamodules.MNISTDataModule",
@@ -33,10 +33,10 @@ def _config(tmp_path, devices: int) -> str:
                         {"class_path": "callbacks.staged_unfreezing.StagedUnfreezing",  # features join at epoch 1
                          "init_args": {"milestones": [1], "stages": [["features"]]}},
                         {"class_path": "tests.ddp_probe.RankProbe",
-                         "init_args": {"out_dir": str(tmp_path / f"probe{devices}")}}]},
+                         "init_args": {"out_dir": str(tmp_path / (probe or f"probe{devices}"))}}]},
         "figures": {"enabled": False},
     }
-    path = tmp_path / f"config{devices}.yaml"
+    path = tmp_path / f"config{devices}{probe}.yaml"
     path.write_text(yaml.safe_dump(config))
     return str(path)
 
@@ -57,24 +57,34 @@ def ddp_fit(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("ddp")
     write_mnist(str(tmp_path / "data"), n_train=67, n_test=N_TEST)
     _cli("fit", "--config", _config(tmp_path, 2))
-    return tmp_path
+    runs = glob.glob(str(tmp_path / "logs" / "ddp" / "*"))
+    assert len(runs) == 1  # both ranks used one run folder
+    return tmp_path, runs[0]
 
 
 @pytest.mark.slow
 def test_ddp_fit_with_staged_unfreezing_ends_with_identical_ranks(ddp_fit):
+    ddp_fit, run = ddp_fit
     ranks = [torch.load(ddp_fit / "probe2" / f"fit-rank{r}.pt") for r in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys()
     different = [name for name in ranks[0] if not torch.equal(ranks[0][name], ranks[1][name])]
     assert not different, f"parameters differ between the ranks: {different}"
-    run = glob.glob(str(ddp_fit / "logs" / "ddp" / "*" / "checkpoints"))
-    assert len(run) == 1  # both ranks used one run folder
-    run = [os.path.dirname(run[0])]
-    efficiency = json.load(open(os.path.join(run[0], "results.json")))["efficiency"]
+    efficiency = json.load(open(os.path.join(run, "results.json")))["efficiency"]
     assert list(efficiency["trainable_params_per_stage"]) == ["0", "1"]  # the milestone was crossed
 
 
 @pytest.mark.slow
+def test_ddp_resume_past_a_milestone_ends_with_identical_ranks(ddp_fit):
+    """On resume StagedUnfreezing restores the unfrozen stage in on_fit_start, after DDP wrapped the model."""
+    ddp_fit, ckpt = ddp_fit[0], os.path.join(ddp_fit[1], "checkpoints", "last.ckpt")
+    _cli("fit", "--config", _config(ddp_fit, 2, "resumed"), "--ckpt_path", ckpt, "--trainer.max_epochs", "3")
+    ranks = [torch.load(ddp_fit / "resumed" / f"fit-rank{r}.pt") for r in (0, 1)]
+    assert all(torch.equal(ranks[0][name], ranks[1][name]) for name in ranks[0])
+
+
+@pytest.mark.slow
 def test_ddp_val_and_test_score_every_sample_once(ddp_fit):
+    ddp_fit = ddp_fit[0]
     val, test = _counts(ddp_fit / "probe2", "fit"), _counts(ddp_fit / "probe2", "test")
     assert len(val) == len(test) == 2
     assert sum(c["val"] for c in val) == N_VAL and sum(c["test"] for c in test) == N_TEST
@@ -82,7 +92,7 @@ def test_ddp_val_and_test_score_every_sample_once(ddp_fit):
 
 @pytest.mark.slow
 def test_ddp_test_of_a_checkpoint_matches_one_process(ddp_fit):
-    ckpt = glob.glob(str(ddp_fit / "logs" / "ddp" / "*" / "checkpoints" / "last.ckpt"))[0]
+    ddp_fit, ckpt = ddp_fit[0], os.path.join(ddp_fit[1], "checkpoints", "last.ckpt")
     scores = {}
     for devices in (1, 2):
         out = _cli("test", "--config", _config(ddp_fit, devices), "--ckpt_path", ckpt).stdout
