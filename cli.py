@@ -37,6 +37,7 @@ MIXED_PRECISIONS = {"16-mixed", "bf16-mixed", "16", "bf16"}
 CUDA_ONLY_PRECISIONS = {"transformer-engine", "transformer-engine-float16"}
 _subcommand = ["fit"]  # for the "see python cli.py fit --help" hint
 _created_run_dirs: list[str] = []  # removed again if the command fails before a checkpoint exists
+_TORCHRUN_KEY = f"cli/run_version/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # a restart: a new folder
 
 
 def run_version() -> str:
@@ -48,16 +49,12 @@ def run_version() -> str:
     if is_worker_process() and os.environ.get("RUN_VERSION"):
         return os.environ["RUN_VERSION"]  # chosen by rank 0, which started this DDP worker
     if is_worker_process() and torchrun_store() is not None:
-        return torchrun_store().get(_torchrun_key()).decode()  # waits until rank 0 has claimed its folder
+        return torchrun_store().get(_TORCHRUN_KEY).decode()  # waits until rank 0 has claimed its folder
     return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 def is_worker_process() -> bool:
     return any(int(os.environ.get(key, "0")) > 0 for key in ("LOCAL_RANK", "NODE_RANK", "RANK"))
-
-
-def _torchrun_key() -> str:  # a restarted torchrun attempt claims a folder of its own
-    return f"cli/run_version/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 @functools.cache
@@ -95,7 +92,7 @@ def claim_run_dir(log_dir: str, experiment: str) -> str:
             _created_run_dirs.append(os.path.join(parent, version))
             os.environ["RUN_VERSION"] = version  # DDP workers started by Lightning inherit it
             if torchrun_store() is not None:
-                torchrun_store().set(_torchrun_key(), version)
+                torchrun_store().set(_TORCHRUN_KEY, version)
             return os.path.join(parent, version)
         except FileExistsError:
             n += 1
