@@ -6,7 +6,9 @@
     python cli.py fit --config configs/mnist_cnn.yaml --print_config
 """
 import datetime
+import functools
 import glob
+import importlib.util
 import os
 import sys
 import warnings
@@ -25,13 +27,19 @@ from callbacks.results import ResultsFile, run_dir_of, run_fields
 from callbacks.checkpoints import BestAndLastCheckpoint
 from callbacks.safety import (STOP, NonFiniteLossGuard, SafeInterrupt, StopNow, TrainingDiverged, discard_run_dirs,
                               interrupted_message)
+from callbacks.trainable_set import TrainableSetSync
 from datamodules import ImageDataModule
 from errors import CommandInterrupted, UserError, one_line_errors, one_line_parse_error, user_error_in
 from lightning_modules import ClassificationModule
 
-GPU_PRECISIONS = {"16-mixed", "bf16-mixed", "16", "bf16", "16-true", "bf16-true", "transformer-engine"}
+# --trainer.precision without a GPU (README "Precision"): automatic mixed precision is a GPU speed-up, so the
+# shipped GPU configs (bf16-mixed) fall back to 32-true there with a warning; the "-true" precisions (the model
+# itself in 16/64 bits) train on a CPU as asked; NVIDIA's Transformer Engine is refused without CUDA + package
+MIXED_PRECISIONS = {"16-mixed", "bf16-mixed", "16", "bf16"}
+CUDA_ONLY_PRECISIONS = {"transformer-engine", "transformer-engine-float16"}
 _subcommand = ["fit"]  # for the "see python cli.py fit --help" hint
 _created_run_dirs: list[str] = []  # removed again if the command fails before a checkpoint exists
+_TORCHRUN_KEY = f"cli/run_version/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # a restart: a new folder
 
 
 def run_version() -> str:
@@ -42,11 +50,23 @@ def run_version() -> str:
         return os.environ["SLURM_JOB_ID"]
     if is_worker_process() and os.environ.get("RUN_VERSION"):
         return os.environ["RUN_VERSION"]  # chosen by rank 0, which started this DDP worker
+    if is_worker_process() and torchrun_store() is not None:
+        return torchrun_store().get(_TORCHRUN_KEY).decode()  # waits until rank 0 has claimed its folder
     return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 def is_worker_process() -> bool:
-    return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
+    return any(int(os.environ.get(key, "0")) > 0 for key in ("LOCAL_RANK", "NODE_RANK", "RANK"))
+
+
+@functools.cache
+def torchrun_store() -> Optional[torch.distributed.TCPStore]:
+    """The store torchrun's agent serves at MASTER_ADDR:MASTER_PORT (TORCHELASTIC_USE_AGENT_STORE), as a client:
+    the ranks torchrun starts share no environment, so rank 0 publishes its run folder's name here."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not os.environ.get("MASTER_ADDR"):
+        return None
+    return torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                      timeout=datetime.timedelta(minutes=10))
 
 
 def claim_run_dir(log_dir: str, experiment: str) -> str:
@@ -73,6 +93,8 @@ def claim_run_dir(log_dir: str, experiment: str) -> str:
             os.mkdir(os.path.join(parent, version))
             _created_run_dirs.append(os.path.join(parent, version))
             os.environ["RUN_VERSION"] = version  # DDP workers started by Lightning inherit it
+            if torchrun_store() is not None:
+                torchrun_store().set(_TORCHRUN_KEY, version)
             return os.path.join(parent, version)
         except FileExistsError:
             n += 1
@@ -135,10 +157,7 @@ class ExperimentCLI(LightningCLI):
         if trainer_config.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
             raise UserError("trainer.accelerator is gpu but this machine has no CUDA GPU; "
                             "use --trainer.accelerator auto (or cpu)")
-        if str(trainer_config.precision) in GPU_PRECISIONS and not torch.cuda.is_available():
-            print(f"warning: precision {trainer_config.precision} needs a GPU and there is none; training in 32-true",
-                  file=sys.stderr)
-            kwargs["precision"] = "32-true"
+        self._check_precision(str(trainer_config.precision), trainer_config.accelerator, kwargs)
         if trainer_config.max_epochs is not None and trainer_config.max_epochs <= 0 and trainer_config.max_epochs != -1:
             raise UserError(f"trainer.max_epochs must be positive, got {trainer_config.max_epochs}")
         if trainer_config.logger in (None, True):
@@ -153,7 +172,7 @@ class ExperimentCLI(LightningCLI):
         self.interrupt = SafeInterrupt()
         extra_callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         extra_callbacks += [self.results, self.efficiency, ModelSummary(max_depth=3), NonFiniteLossGuard(),
-                            self.interrupt]
+                            self.interrupt, TrainableSetSync()]
         self.figures = next((c for c in extra_callbacks if isinstance(c, Figures)), None)
         if self.figures is not None:
             self.figures.curves_after_fit = False  # after_fit tests the checkpoints and the test draws the curves
@@ -166,6 +185,16 @@ class ExperimentCLI(LightningCLI):
             kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]  # SafeInterrupt requeues at a safe point
         return self._instantiate_trainer({**self._get(self.config_init, "trainer", default={}), **kwargs},
                                          extra_callbacks)
+
+    @staticmethod
+    def _check_precision(precision: str, accelerator, kwargs: dict) -> None:
+        gpu = torch.cuda.is_available() and accelerator != "cpu"
+        if precision in CUDA_ONLY_PRECISIONS and not (gpu and importlib.util.find_spec("transformer_engine")):
+            raise UserError(f"precision {precision} needs a CUDA GPU and NVIDIA's transformer_engine package; "
+                            "use bf16-mixed (GPU) or 32-true")
+        if precision in MIXED_PRECISIONS and not torch.cuda.is_available():
+            print(f"warning: precision {precision} needs a GPU and there is none; training in 32-true", file=sys.stderr)
+            kwargs["precision"] = "32-true"
 
     def _write_results(self) -> None:
         trainer, config = self.trainer, self._config()

@@ -3,6 +3,7 @@ import time
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_modules.base import count_parameters
 
@@ -22,6 +23,7 @@ class EfficiencyMonitor(pl.Callback):
         self.epoch_samples = 0
         self.train_samples_per_epoch = 0
         self.trainable_per_epoch: dict[str, int] = {}
+        self._epoch_validation = 0.0
 
     def state_dict(self) -> dict:  # a resumed fit keeps adding to the same totals
         return {k: getattr(self, k) for k in ("fit_seconds", "train_seconds", "samples_seen",
@@ -37,10 +39,12 @@ class EfficiencyMonitor(pl.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._epoch_start = time.perf_counter()  # a mid-epoch resume skips on_train_epoch_start
+        self._epoch_validation = 0.0
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self.epoch_samples = 0
         self._epoch_start = time.perf_counter()
+        self._epoch_validation = 0.0  # seconds of validation inside this epoch (at its end, or val_check_interval)
         trainable = count_parameters(pl_module)["trainable"]
         last = list(self.trainable_per_epoch.values())[-1] if self.trainable_per_epoch else None
         if trainable != last:  # a new stage (staged unfreezing) or the first epoch
@@ -49,8 +53,16 @@ class EfficiencyMonitor(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.epoch_samples += len(batch[1])
 
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._validation_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:  # not a separate `validate` run (the sanity check: reset later)
+            self._epoch_validation += time.perf_counter() - self._validation_start
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        seconds = time.perf_counter() - self._epoch_start
+        # Lightning validates at the end of the epoch before this hook: throughput counts training time only
+        seconds = time.perf_counter() - self._epoch_start - self._epoch_validation
         self.train_seconds += seconds
         self.samples_seen += self.epoch_samples
         self.train_samples_per_epoch = self.epoch_samples * trainer.world_size

@@ -167,7 +167,8 @@ class ImageDataModule(pl.LightningDataModule):
         data = self.splits[split]
         rank, world_size = self._rank()
         sampler = EpochBatchSampler(len(data), self.batch_size if train else self.eval_batch_size, shuffle=train,
-                                    seed=self.seed, drop_last=False, rank=rank, world_size=world_size)
+                                    seed=self.seed, drop_last=False, rank=rank, world_size=world_size,
+                                    even_shards=train)
         pin = self.pin_memory and torch.cuda.is_available()
         progress = self._batches_consumed if train else None
         return BatchLoader(data, sampler, pin_memory=pin, progress=progress)
@@ -193,11 +194,14 @@ class ImageDataModule(pl.LightningDataModule):
         return DataLoader(loader.dataset, batch_size=None, sampler=loader.sampler, pin_memory=loader.pin_memory)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and batch[0].dtype == torch.uint8):
-            return batch  # not one of our batches (e.g. the model summary's example input)
-        images, labels = batch
-        training = self.trainer is not None and self.trainer.training
-        return self.transform(images, training), labels
+        trainer = self.trainer
+        if isinstance(batch, (tuple, list)) and len(batch) == 2 and batch[0].dtype == torch.uint8:
+            batch = self.transform(batch[0], trainer is not None and trainer.training), batch[1]
+        # else not one of our batches (e.g. the model summary's float32 example input)
+        # The model's input dtype: Lightning converts float inputs before the transfer (16-true, bf16-true,
+        # 64-true), when ours are still uint8; the same conversion after the transform (a no-op at 32-true
+        # and under mixed precision, where autocast casts inside the model).
+        return trainer.precision_plugin.convert_input(batch) if trainer is not None else batch
 
     def transform(self, images: torch.Tensor, training: bool = False) -> torch.Tensor:
         """uint8 (B, C, H, W) on any device -> normalized float (B, *input_shape)."""

@@ -19,12 +19,20 @@ class TensorBatches(Dataset):
 
 
 class EpochBatchSampler(Sampler):
-    """Yields index batches; the order is a function of (seed, epoch) only, sharded by rank."""
+    """Yields index batches; the order is a function of (seed, epoch) only, sharded by rank.
+
+    Training (`even_shards`) gives every rank the same number of samples, dropping the tail that does not
+    divide (DDP's gradient all-reduce needs the same number of steps on every rank). Evaluation shards
+    everything, so each sample is scored exactly once: ranks may then differ by one sample and one batch,
+    and a rank whose shard is empty (a split smaller than the world) yields one empty batch, so that it
+    still runs the epoch's hooks (the metrics' gather at epoch end is a collective every rank must join).
+    """
 
     def __init__(self, num_samples: int, batch_size: int, shuffle: bool, seed: int = 0,
-                 drop_last: bool = False, rank: int = 0, world_size: int = 1):
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1, even_shards: bool = True):
         self.num_samples, self.batch_size, self.shuffle = num_samples, batch_size, shuffle
         self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
+        self.even_shards = even_shards
         self.epoch = 0
         self._resume: Optional[tuple[int, int]] = None  # (epoch, batches already consumed)
 
@@ -40,13 +48,19 @@ class EpochBatchSampler(Sampler):
             order = torch.randperm(self.num_samples, generator=generator)
         else:
             order = torch.arange(self.num_samples)
-        if self.world_size > 1:  # equal shards: the tail that does not divide evenly is dropped
-            usable = self.num_samples - self.num_samples % self.world_size
-            order = order[:usable][self.rank::self.world_size]
-        return order
+        if self.even_shards:  # the tail that does not divide evenly is dropped
+            order = order[:self.num_samples - self.num_samples % self.world_size]
+        return order[self.rank::self.world_size]
+
+    def _per_rank(self) -> int:
+        if self.even_shards:
+            return self.num_samples // self.world_size
+        return len(range(self.rank, self.num_samples, self.world_size))
 
     def __len__(self) -> int:
-        per_rank = self.num_samples // self.world_size if self.world_size > 1 else self.num_samples
+        per_rank = self._per_rank()
+        if per_rank == 0 and not self.even_shards and self.num_samples:
+            return 1  # the one empty batch (see the class docstring); an empty split has no batches on any rank
         return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
 
     def __iter__(self):
@@ -57,9 +71,12 @@ class EpochBatchSampler(Sampler):
                 skip, self._resume = done, None
             elif self.epoch > epoch:
                 self._resume = None
-        batches = list(self._indices().split(self.batch_size))
+        indices = self._indices()
+        batches = list(indices.split(self.batch_size)) if len(indices) else []
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
+        if not batches and not self.even_shards and self.num_samples:
+            batches = [indices]  # empty
         yield from batches[skip:]
 
 

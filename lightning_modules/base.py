@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score,
                                          MulticlassPrecision, MulticlassRecall)
 
@@ -73,6 +73,9 @@ class ClassificationModule(pl.LightningModule):
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        # mean loss per sample over every rank's shard (sum and count are gathered at epoch end); logging the
+        # per-step loss with sync_dist would average the ranks' means, which differ in size under DDP
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.example_input_array = torch.zeros(2, *input_shape)  # per-layer shapes in the model summary
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,29 +121,40 @@ class ClassificationModule(pl.LightningModule):
             self.log("train/acc", self.train_metrics.compute())  # syncs the counts across DDP ranks
         self.train_metrics.reset()
 
+    # val/test: per step only metric updates (no collective: under DDP ranks may run different numbers of
+    # batches); the metrics gather their states across ranks once, in compute() at epoch end
     def validation_step(self, batch, batch_idx: int) -> None:
+        if len(batch[1]) == 0:
+            return  # the empty batch of a rank whose evaluation shard is empty (datamodules/loader.py)
         loss, logits, labels = self.model_step(batch)
         self.val_metrics.update(logits, labels)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)  # averaged over DDP ranks at epoch end
+        self.val_loss.update(loss, weight=len(labels))
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.val_metrics.compute()
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
         self.log("val/acc", metrics.pop("val/acc"), prog_bar=True)
         self.log_dict(metrics)
         self.val_metrics.reset()
+        self.val_loss.reset()
 
     def test_step(self, batch, batch_idx: int) -> None:
+        if len(batch[1]) == 0:
+            return
         loss, logits, labels = self.model_step(batch)
         self.test_metrics.update(logits, labels)
         self.test_confusion.update(logits, labels)
-        self.log("test/loss", loss, sync_dist=True)
+        self.test_loss.update(loss, weight=len(labels))
 
     def on_test_epoch_start(self) -> None:
         self.test_confusion.reset()  # kept after the epoch (figures read it), so a second test starts from zero
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute())
+        self.log_dict({**self.test_metrics.compute(), "test/loss": self.test_loss.compute()})
+        # gathered here, on every rank (a rank with an empty shard has no update); the figures read the cached result
+        self.test_confusion.compute()
         self.test_metrics.reset()
+        self.test_loss.reset()
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         images, labels = batch
@@ -163,7 +177,10 @@ class ClassificationModule(pl.LightningModule):
         if "torch_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng_state"])
         if "cuda_rng_states" in checkpoint and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(checkpoint["cuda_rng_states"])
+            # saved where N GPUs were visible: restore the states of the devices this process has (fewer GPUs,
+            # or none: a CPU skips them); set_rng_state_all would fail on the first device that does not exist
+            for index, state in enumerate(checkpoint["cuda_rng_states"][:torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(state, index)
 
     # ---- optimizer and schedule from YAML ----
     def configure_optimizers(self):
@@ -171,6 +188,10 @@ class ClassificationModule(pl.LightningModule):
 
     def build_optimizer(self, params) -> torch.optim.Optimizer:
         hp = self.hparams
+        if hp.optimizer != "sgd" and self.dtype == torch.float16:  # the parameters' dtype at 16-true
+            raise UserError(f"{hp.optimizer} cannot train float16 parameters (precision 16-true): its eps of 1e-8 "
+                            "is 0 in float16, so the first step divides by zero; use 16-mixed or bf16-true, "
+                            "or --model.init_args.optimizer sgd")
         if hp.optimizer == "sgd":
             optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
                                         weight_decay=hp.weight_decay)

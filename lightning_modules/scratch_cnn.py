@@ -69,6 +69,19 @@ class ScratchCNN(ClassificationModule):
             setattr(self.net.layers[int(index)], name, param)
             self.scratch_params[key.replace(".", "_")] = param
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # autocast off: the scratch kernels have no autocast rules (their matmuls would return bf16/fp16 while
+        # the parameters and the hand-written backward stay float32): under mixed precision this model computes
+        # in float32, its parameters' dtype (at a "-true" precision the parameters themselves are 16/64-bit)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.net(x.to(self.scratch_params["0_weight"].dtype))  # (B, num_classes)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.trainer.world_size > 1:  # DDP cannot wrap a model without autograd parameters
+            raise UserError("the scratch CNN trains on one device only (its hand-written SGD has no gradient "
+                            "all-reduce); use --trainer.devices 1")
+
     def configure_optimizers(self):
         hp = self.hparams
         return self.with_schedule(ScratchOptimizer(self.scratch_params.values(), hp.lr, hp.momentum, hp.weight_decay))
@@ -76,8 +89,8 @@ class ScratchCNN(ClassificationModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
         optimizer = self.optimizers()
-        with torch.no_grad():
-            logits = self.net(images)  # (B, num_classes)
+        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):  # backward too (see forward)
+            logits = self(images)  # (B, num_classes)
             loss = self.scratch_loss(logits, labels)
             optimizer.zero_grad()
             self.net.backward(self.scratch_loss.backward())  # fills every param.grad

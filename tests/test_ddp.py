@@ -1,0 +1,185 @@
+"""DDP on CPU (gloo) through `python cli.py`: identical ranks after staged unfreezing, every sample scored once,
+and checkpoints that load with fewer CUDA devices than they were saved with."""
+import datetime
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from datamodules.loader import EpochBatchSampler
+from lightning_modules import CNN
+from tests.conftest import ROOT
+from tests.fixtures import write_mnist
+
+N_VAL, N_TEST = 13, 21  # odd: neither divides by the world size
+
+
+def _config(tmp_path, devices: int, probe: str = "") -> str:
+    config = {
+        "experiment": "ddp", "log_dir": str(tmp_path / "logs"), "seed_everything": 0,
+        "data": {"class_path": "datamodules.MNISTDataModule",
+                 "init_args": {"data_dir": str(tmp_path / "data"), "download": False, "val_size": N_VAL,
+                               "batch_size": 8, "pin_memory": False}},
+        "model": {"class_path": "lightning_modules.CNN", "init_args": {"channels": [4, 8], "head_hidden": [],
+                                                                        "lr": 0.01}},
+        "trainer": {"max_epochs": 2, "accelerator": "cpu", "devices": devices,
+                    "strategy": "ddp" if devices > 1 else "auto", "enable_progress_bar": False,
+                    "callbacks": [
+                        {"class_path": "callbacks.staged_unfreezing.StagedUnfreezing",  # features join at epoch 1
+                         "init_args": {"milestones": [1], "stages": [["features"]]}},
+                        {"class_path": "tests.ddp_probe.RankProbe",
+                         "init_args": {"out_dir": str(tmp_path / (probe or f"probe{devices}"))}}]},
+        "figures": {"enabled": False},
+    }
+    path = tmp_path / f"config{devices}{probe}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _counts(probe_dir, stage: str) -> list[dict]:
+    return [json.load(open(path)) for path in sorted(glob.glob(os.path.join(probe_dir, f"{stage}-rank*.json")))]
+
+
+@pytest.fixture(scope="module")
+def ddp_fit(tmp_path_factory):
+    """One 2-process fit (~40 s on 2 CPUs): staged unfreezing crosses a milestone at epoch 1."""
+    tmp_path = tmp_path_factory.mktemp("ddp")
+    write_mnist(str(tmp_path / "data"), n_train=67, n_test=N_TEST)
+    _cli("fit", "--config", _config(tmp_path, 2))
+    runs = glob.glob(str(tmp_path / "logs" / "ddp" / "*"))
+    assert len(runs) == 1  # both ranks used one run folder
+    return tmp_path, runs[0]
+
+
+@pytest.mark.slow
+def test_ddp_fit_with_staged_unfreezing_ends_with_identical_ranks(ddp_fit):
+    ddp_fit, run = ddp_fit
+    ranks = [torch.load(ddp_fit / "probe2" / f"fit-rank{r}.pt") for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys()
+    different = [name for name in ranks[0] if not torch.equal(ranks[0][name], ranks[1][name])]
+    assert not different, f"parameters differ between the ranks: {different}"
+    efficiency = json.load(open(os.path.join(run, "results.json")))["efficiency"]
+    assert list(efficiency["trainable_params_per_stage"]) == ["0", "1"]  # the milestone was crossed
+
+
+@pytest.mark.slow
+def test_ddp_resume_past_a_milestone_ends_with_identical_ranks(ddp_fit):
+    """On resume StagedUnfreezing restores the unfrozen stage in on_fit_start, after DDP wrapped the model."""
+    ddp_fit, ckpt = ddp_fit[0], os.path.join(ddp_fit[1], "checkpoints", "last.ckpt")
+    _cli("fit", "--config", _config(ddp_fit, 2, "resumed"), "--ckpt_path", ckpt, "--trainer.max_epochs", "3")
+    ranks = [torch.load(ddp_fit / "resumed" / f"fit-rank{r}.pt") for r in (0, 1)]
+    assert all(torch.equal(ranks[0][name], ranks[1][name]) for name in ranks[0])
+
+
+@pytest.mark.slow
+def test_ddp_val_and_test_score_every_sample_once(ddp_fit):
+    ddp_fit = ddp_fit[0]
+    val, test = _counts(ddp_fit / "probe2", "fit"), _counts(ddp_fit / "probe2", "test")
+    assert len(val) == len(test) == 2
+    assert sum(c["val"] for c in val) == N_VAL and sum(c["test"] for c in test) == N_TEST
+
+
+@pytest.mark.slow
+def test_ddp_test_of_a_checkpoint_matches_one_process(ddp_fit):
+    ddp_fit, ckpt = ddp_fit[0], os.path.join(ddp_fit[1], "checkpoints", "last.ckpt")
+    scores = {}
+    for devices in (1, 2):
+        out = _cli("test", "--config", _config(ddp_fit, devices), "--ckpt_path", ckpt).stdout
+        results = [line.split("results: ", 1)[1] for line in out.splitlines() if line.startswith("results: ")]
+        scores[devices] = json.load(open(results[-1]))["test"]["final"]
+        assert sum(c["test"] for c in _counts(ddp_fit / f"probe{devices}", "test")) == N_TEST
+    assert scores[1]["acc"] == scores[2]["acc"]
+    assert scores[1]["loss"] == pytest.approx(scores[2]["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_one_run_folder(tmp_path):
+    """torchrun starts every rank itself (no RUN_VERSION inherited from rank 0). Folders named after the next
+    minutes' timestamps already exist, so rank 0 claims `<timestamp>-2`; a rank that picked its own timestamp
+    would land in `<timestamp>`."""
+    write_mnist(str(tmp_path / "data"), n_train=67, n_test=N_TEST)
+    config = _config(tmp_path, 2)
+    now = datetime.datetime.now()
+    for second in range(600):
+        os.makedirs(tmp_path / "logs" / "ddp" / (now + datetime.timedelta(seconds=second)).strftime("%Y%m%d-%H%M%S"))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(29500 + os.getpid() % 1000 + 1), "cli.py", "fit", "--config", config,
+                             "--trainer.max_epochs", "1"], cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dirs = {c["run_dir"] for c in _counts(tmp_path / "probe2", "fit")}
+    assert len(run_dirs) == 1 and next(iter(run_dirs)).endswith("-2"), run_dirs
+    assert len(_counts(tmp_path / "probe2", "fit")) == 2
+
+
+@pytest.mark.parametrize("num_samples", [0, 1, 5, 13, 16])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_evaluation_shards_cover_every_sample_once(num_samples, world_size):
+    shards = [list(EpochBatchSampler(num_samples, 4, shuffle=False, rank=r, world_size=world_size, even_shards=False))
+              for r in range(world_size)]
+    scored = sorted(i for shard in shards for batch in shard for i in batch.tolist())
+    assert scored == list(range(num_samples))
+    for rank, shard in enumerate(shards):
+        assert len(shard) == len(EpochBatchSampler(num_samples, 4, False, rank=rank, world_size=world_size,
+                                                   even_shards=False))
+        assert num_samples == 0 or len(shard) >= 1  # every rank runs the epoch's hooks (the metrics' gather)
+
+
+def test_training_shards_are_equal(world_size=3):
+    lengths = {len(list(EpochBatchSampler(13, 2, True, rank=r, world_size=world_size))) for r in range(world_size)}
+    assert lengths == {2}  # 4 samples each, the 13th is dropped: every rank steps the same number of times
+
+
+def test_checkpoint_with_more_cuda_rng_states_than_devices_loads(monkeypatch):
+    """Saved where 4 GPUs were visible (fabricated states), loaded where there is 1 GPU, and where there is none."""
+    model = CNN(num_classes=10, input_shape=(1, 28, 28), channels=[4])
+    states = [torch.full((16,), i, dtype=torch.uint8) for i in range(4)]
+    checkpoint = {"model_class": "CNN", "torch_rng_state": torch.get_rng_state(), "cuda_rng_states": states}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((device, state)))
+    model.on_load_checkpoint(checkpoint)
+    assert [(device, state[0].item()) for device, state in restored] == [(0, 0)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    restored.clear()
+    model.on_load_checkpoint(checkpoint)
+    assert restored == []
+
+
+def test_throughput_counts_training_time_only(monkeypatch):
+    """Validation runs inside the training epoch (before on_train_epoch_end); a scripted clock, no timing."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from callbacks import efficiency
+
+    class Model(torch.nn.Linear):
+        def log(self, name, value):
+            self.logged = (name, value)
+
+    clock = iter([0.0, 1.0, 11.0, 12.0])  # epoch start, validation start, validation end, epoch end
+    monkeypatch.setattr(efficiency.time, "perf_counter", lambda: next(clock))
+    trainer = SimpleNamespace(current_epoch=0, world_size=2, state=SimpleNamespace(fn=TrainerFn.FITTING))
+    model, monitor = Model(2, 2), efficiency.EfficiencyMonitor()
+    monitor.on_train_epoch_start(trainer, model)
+    monitor.on_train_batch_end(trainer, model, None, (None, torch.zeros(10)), 0)
+    monitor.on_validation_start(trainer, model)
+    monitor.on_validation_end(trainer, model)
+    monitor.on_train_epoch_end(trainer, model)
+    assert monitor.train_seconds == 2.0  # 12 s of epoch minus 10 s of validation
+    assert model.logged == ("efficiency/images_per_s", 10 * 2 / 2.0)
