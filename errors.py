@@ -6,6 +6,7 @@ import math
 import os
 import re
 import sys
+import threading
 from typing import Optional
 
 from jsonargparse.typing import register_type
@@ -40,7 +41,8 @@ def number_range(name: str, base: type, low: Optional[float] = None, high: Optio
             raise ValueError(f"{value} is out of range: expected {valid}")
         return number
 
-    range_type = type(name, (base,), {"__doc__": valid, "check": staticmethod(check)})
+    range_type = type(name, (base,), {"__doc__": valid, "check": staticmethod(check), "low": low, "high": high,
+                                      "low_open": low_open, "high_open": high_open})
     register_type(range_type, serializer=base, deserializer=check, type_check=lambda value, type_: False)
     return range_type
 
@@ -144,6 +146,19 @@ def one_line_parse_error(message: str, subcommand: str = "fit") -> str:
     return f"{text}; see python cli.py {subcommand} --help for the accepted keys"
 
 
+def written_path(error: OSError) -> Optional[str]:
+    """The file a failed write was for: the error's filename, else the innermost `filename`/`path` argument on its
+    traceback (a write() or close() error has no filename; TensorBoard's writer thread hands its error on bare)."""
+    found, frames = error.filename, error.__traceback__
+    while error.filename is None and frames is not None:
+        for name in ("filename", "path", "filepath"):
+            value = frames.tb_frame.f_locals.get(name)
+            if isinstance(value, (str, bytes, os.PathLike)):  # TensorBoard's gfile passes bytes
+                found = value
+        frames = frames.tb_next
+    return os.path.abspath(os.fsdecode(found)) if found is not None else None
+
+
 def user_error_in(error: BaseException) -> Optional[BaseException]:
     """The UserError (or Lightning misconfiguration) behind an exception; jsonargparse wraps __init__ errors."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -153,9 +168,9 @@ def user_error_in(error: BaseException) -> Optional[BaseException]:
         if isinstance(error, (UserError, MisconfigurationException)):
             return error
         if isinstance(error, OSError) and error.errno in DISK_FULL:  # a write nobody wrapped: events, figures
-            path = os.path.abspath(error.filename) if error.filename else None
+            path = written_path(error)
             return disk_error(error, os.path.basename(path) if path else "a file",
-                              os.path.dirname(path) if path else "the log directory")
+                              os.path.dirname(path) if path else "the log directory (--log_dir)")
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
@@ -178,10 +193,18 @@ class CommandInterrupted(Exception):
         self.exit_code = exit_code
 
 
+def _thread_errors(args) -> None:
+    """A writer thread's full disk is reported by the main thread (TensorBoard re-raises it there), not twice."""
+    if not (isinstance(args.exc_value, OSError) and args.exc_value.errno in DISK_FULL):
+        threading.__excepthook__(args)
+
+
 @contextlib.contextmanager
 def one_line_errors():
     """The error boundary of every entry point: a UserError (however wrapped) becomes `error: <one line>` on
-    stderr and exit status 2; an interrupted command prints its line and exits with its own status."""
+    stderr and exit status 2; an interrupted command prints its line and exits with its own status; a full disk
+    in a writer thread is left to the main thread, which reports it (one line, not a thread traceback too)."""
+    threading.excepthook = _thread_errors
     try:
         yield
     except CommandInterrupted as interrupted:

@@ -3,7 +3,6 @@ import contextlib
 import glob
 import io
 import os
-import tempfile
 
 import torch
 from fsspec.implementations.local import LocalFileSystem
@@ -30,8 +29,8 @@ class SafeCheckpointIO(TorchCheckpointIO):
         tmp = None
         try:
             os.makedirs(folder, exist_ok=True)
-            handle, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-            with os.fdopen(handle, "wb") as f:
+            tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")  # hidden, one per process
+            with open(tmp, "wb") as f:  # the umask's permissions, as Lightning's files had
                 f.write(buffer.getbuffer())
                 f.flush()
                 os.fsync(f.fileno())  # the bytes are on the disk before the name points at them
