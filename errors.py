@@ -97,7 +97,7 @@ def bad_value_error(message: str) -> Optional[str]:
     inner = "\n".join(block)  # the innermost key's own lines, not its parents' (a model may also be null)
     expected = [found.strip() for found in re.findall(r"is out of range: expected ([^\n]+)", inner)]
     ranged = bool(expected)
-    expected += [", ".join(found.split(", ")) for found in re.findall(r"Expected a typing\.Literal\[(.*?)\]", inner)]
+    expected += re.findall(r"Expected a typing\.Literal\[(.*?)\]", inner)  # the choices, e.g. 'adamw', 'adam'
     if not expected:
         return None
     if "Expected a <class 'NoneType'>" in inner:
