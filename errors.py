@@ -21,8 +21,9 @@ def number_range(name: str, base: type, low: Optional[float] = None, high: Optio
     """A config type: a finite int or float in a range. jsonargparse checks it while parsing, before anything is
     built or loaded, and hands __init__ a plain int/float (a jsonargparse.typing object would be pickled into the
     checkpoint's hyperparameters, which a weights_only load then refuses)."""
-    bounds = ("(" if low_open else "[") + ("-inf" if low is None else f"{low:g}") + ", " + \
-        ("inf" if high is None else f"{high:g}") + (")" if high_open or high is None else "]")
+    show = lambda bound, infinite: infinite if bound is None else f"{base(bound):g}" if base is float else str(bound)
+    bounds = ("(" if low_open else "[") + show(low, "-inf") + ", " + show(high, "inf") + \
+        (")" if high_open or high is None else "]")
     kind = "an integer" if base is int else "a number"
     valid = f"{kind} in {bounds}"
 

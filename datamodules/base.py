@@ -12,6 +12,7 @@ from errors import Fraction, NonNegativeInt, PositiveInt, UserError, number_rang
 
 ValFraction = number_range("ValFraction", float, 0, 1, high_open=True)  # of the training split
 Degrees = number_range("Degrees", float, 0, 180)  # rotations drawn from [-degrees, degrees]
+Seed = number_range("Seed", int, 0, 2**32 - 1)  # what numpy accepts (seed_everything is linked here)
 
 
 def default_data_dir() -> str:
@@ -36,7 +37,7 @@ class ImageDataModule(pl.LightningDataModule):
         batch_size: PositiveInt = 128,
         eval_batch_size: Optional[PositiveInt] = None,  # default: batch_size
         val_size: Union[NonNegativeInt, ValFraction] = 0.1,  # a count, or a fraction of the training split
-        seed: int = 0,  # train/val split, shuffling and augmentation draws
+        seed: Seed = 0,  # train/val split, shuffling and augmentation draws
         augment: bool = True,
         rotation: Optional[Degrees] = None,  # degrees; None: the dataset's default
         crop_padding: Optional[NonNegativeInt] = None,  # pixels; None: the dataset's default
