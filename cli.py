@@ -8,6 +8,7 @@
 import datetime
 import functools
 import glob
+import importlib
 import importlib.util
 import os
 import sys
@@ -21,6 +22,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from callbacks.checkpoint_io import SafeCheckpointIO
 from callbacks.efficiency import EfficiencyMonitor
 from callbacks.figures import Figures
 from callbacks.results import ResultsFile, run_dir_of, run_fields
@@ -29,7 +31,8 @@ from callbacks.safety import (STOP, NonFiniteLossGuard, SafeInterrupt, StopNow, 
                               interrupted_message)
 from callbacks.trainable_set import TrainableSetSync
 from datamodules import ImageDataModule
-from errors import CommandInterrupted, UserError, one_line_errors, one_line_parse_error, user_error_in
+from errors import (CommandInterrupted, UserError, check_section_numbers, one_line_errors, one_line_parse_error,
+                    user_error_in)
 from lightning_modules import ClassificationModule
 
 # --trainer.precision without a GPU (README "Precision"): automatic mixed precision is a GPU speed-up, so the
@@ -158,6 +161,7 @@ class ExperimentCLI(LightningCLI):
             raise UserError("trainer.accelerator is gpu but this machine has no CUDA GPU; "
                             "use --trainer.accelerator auto (or cpu)")
         self._check_precision(str(trainer_config.precision), trainer_config.accelerator, kwargs)
+        check_section_numbers(config)  # the Lightning sections' numbers that Lightning lets through
         if trainer_config.max_epochs is not None and trainer_config.max_epochs <= 0 and trainer_config.max_epochs != -1:
             raise UserError(f"trainer.max_epochs must be positive, got {trainer_config.max_epochs}")
         if trainer_config.logger in (None, True):
@@ -181,8 +185,10 @@ class ExperimentCLI(LightningCLI):
                 isinstance(c, ProgressBar) for c in (configured if isinstance(configured, list) else [configured])):
             # tqdm, redrawn every 5 batches: Rich's per-batch redraw cost ~3% of a small model's epoch
             extra_callbacks.append(TQDMProgressBar(refresh_rate=5))
-        if os.environ.get("SLURM_JOB_ID") and trainer_config.plugins is None:
-            kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]  # SafeInterrupt requeues at a safe point
+        if trainer_config.plugins is None:  # checkpoints written beside their target; a full disk is one line
+            kwargs["plugins"] = [SafeCheckpointIO()]
+            if os.environ.get("SLURM_JOB_ID"):
+                kwargs["plugins"].append(SLURMEnvironment(auto_requeue=False))  # SafeInterrupt requeues safely
         return self._instantiate_trainer({**self._get(self.config_init, "trainer", default={}), **kwargs},
                                          extra_callbacks)
 
@@ -216,12 +222,8 @@ class ExperimentCLI(LightningCLI):
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         try:
             if path and os.path.isfile(path):
-                saved = torch.load(path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
-                saved, wanted = saved.get("_class_path"), self.config[subcommand].model.class_path
-                if saved and saved.rsplit(".", 1)[-1] != wanted.rsplit(".", 1)[-1]:
-                    raise UserError(f"{path} holds a {saved.rsplit('.', 1)[-1]} but the config builds a "
-                                    f"{wanted.rsplit('.', 1)[-1]}; use the config.yaml saved in that checkpoint's "
-                                    "run directory")
+                hparams = torch.load(path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+                self._check_checkpoint_fits(path, hparams, self.config[subcommand])
             super()._parse_ckpt_path()
         except UserError:
             raise
@@ -229,6 +231,22 @@ class ExperimentCLI(LightningCLI):
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UserError(f"cannot read the checkpoint {path} ({first_line}); is it a complete .ckpt file "
                             "written by this project?") from None
+
+    @staticmethod
+    def _check_checkpoint_fits(path: str, hparams: dict, config) -> None:
+        """The checkpoint's model class, classes and input shape against what the config builds (the model is
+        rebuilt from the checkpoint, but its classes and input shape are linked from the config's data)."""
+        saved_class = (hparams.get("_class_path") or "").rsplit(".", 1)[-1]
+        wanted_class = config.model.class_path.rsplit(".", 1)[-1]
+        module, name = config.data.class_path.rsplit(".", 1)
+        datamodule = getattr(importlib.import_module(module), name)(**config.data.init_args.as_dict())  # no data read
+        saved = (saved_class or wanted_class, hparams.get("num_classes"), tuple(hparams.get("input_shape") or ()))
+        wanted = (wanted_class, datamodule.num_classes, tuple(datamodule.input_shape))
+        if saved[0] != wanted[0] or None not in saved[1:] and saved[1:] != wanted[1:]:
+            describe = lambda model, classes, shape: (f"a {model} for {classes} classes, input "
+                                                      f"{'x'.join(map(str, shape)) or 'unknown'}")
+            raise UserError(f"{path} holds {describe(*saved)} but the config builds {describe(*wanted)} "
+                            f"({datamodule.name}); use the config.yaml saved in that checkpoint's run directory")
 
     def _check_ckpt_path(self) -> None:
         config_init = self.config_init[self.subcommand]

@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from errors import one_line_errors
 from reporting.layouts import CIFAR100_CHAR_LIMIT, LAYOUTS, render
 from reporting.runs import Run, group_runs, load_runs
 
@@ -77,6 +78,7 @@ def report_char_budget(blocks, text: str, limit: int) -> None:
               file=sys.stderr)
 
 
+@one_line_errors()
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     runs, skipped = load_runs(Path(args.logs))

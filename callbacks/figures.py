@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks.results import ResultsFile, run_dir_of, run_directory
+from errors import NonNegativeInt, PositiveInt
 from visual.inputs import read_image, sample_image
 from visual.introspect import FigureSkipped, conv_pool_outputs, evaluating, first_conv_weight, input_device_dtype
 
@@ -33,10 +34,10 @@ class Figures(pl.Callback):
         enabled: bool = True,
         image: Literal["test", "grace_hopper"] = "test",  # feature maps' sample: test image 0 or the bundled photo
         image_path: Optional[str] = None,  # any image file instead (center-cropped, resized, normalized)
-        filter_indices: list[int] = [14, 26, 32, 49, 52],  # first-conv filters shown with their activations
-        max_filters: int = 64,  # filters.png shows at most this many
-        predictions: int = 8,  # correctly and incorrectly classified test images shown (each)
-        confusion_full_max: int = 20,  # more classes: the 20 most-confused ones plus the top confused pairs
+        filter_indices: list[NonNegativeInt] = [14, 26, 32, 49, 52],  # first-conv filters shown with activations
+        max_filters: PositiveInt = 64,  # filters.png shows at most this many
+        predictions: PositiveInt = 8,  # correctly and incorrectly classified test images shown (each)
+        confusion_full_max: PositiveInt = 20,  # more classes: the 20 most-confused ones plus the top confused pairs
     ):
         self.enabled, self.image, self.image_path = enabled, image, image_path
         self.filter_indices, self.max_filters = list(filter_indices), max_filters

@@ -1,10 +1,12 @@
 """results.json: the one file per run that the report command reads (schema in ARCHITECTURE.md)."""
+import contextlib
 import datetime
 import json
 import os
 
 import lightning.pytorch as pl
 
+from errors import disk_error
 from lightning_modules.base import count_parameters
 
 METRIC_KEYS = ("acc", "precision_macro", "recall_macro", "f1_macro", "loss")
@@ -26,9 +28,16 @@ class ResultsFile(pl.Callback):
         """Writes atomically (temp file + rename), so a crash never leaves a half-written results.json."""
         results = {**fields, "test": self.test, "finished_at": datetime.datetime.now().isoformat(timespec="seconds")}
         tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(results, f, indent=2)
+            os.replace(tmp, path)
+        except OSError as error:  # full disk, quota, read-only: the earlier results.json (if any) stays
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise disk_error(error, "results.json", os.path.dirname(os.path.abspath(path)),
+                             "test a checkpoint again: python cli.py test --config <run>/config.yaml "
+                             "--ckpt_path <run>/checkpoints/last.ckpt") from error
         return results
 
 

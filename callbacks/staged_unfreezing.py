@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BaseFinetuning
 from torch.optim import Optimizer
 
-from errors import UserError
+from errors import PositiveFloat, PositiveInt, UserError
 from lightning_modules.base import count_parameters
 from lightning_modules.resnet import resolve_modules
 
@@ -23,9 +23,9 @@ class StagedUnfreezing(BaseFinetuning):
 
     def __init__(
         self,
-        milestones: list[int] = [1, 2],  # epoch at which each stage starts training
+        milestones: list[PositiveInt] = [1, 2],  # epoch at which each stage starts training
         stages: list[list[str]] = [["layer4"], ["conv1", "bn1", "layer1", "layer2", "layer3"]],
-        lr_ratio: float = 0.1,  # a new param group's lr = the head's (scheduled) lr * lr_ratio
+        lr_ratio: PositiveFloat = 0.1,  # a new param group's lr = the head's (scheduled) lr * lr_ratio
     ):
         super().__init__()
         if len(milestones) != len(stages) or not stages:

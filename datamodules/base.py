@@ -8,7 +8,11 @@ from torch.utils.data import DataLoader
 
 from datamodules import batch_transforms as BT
 from datamodules.loader import BatchLoader, EpochBatchSampler, TensorBatches
-from errors import UserError
+from errors import Fraction, NonNegativeInt, PositiveInt, UserError, number_range
+
+ValFraction = number_range("ValFraction", float, 0, 1, high_open=True)  # of the training split
+Degrees = number_range("Degrees", float, 0, 180)  # rotations drawn from [-degrees, degrees]
+Seed = number_range("Seed", int, 0, 2**32 - 1)  # what numpy accepts (seed_everything is linked here)
 
 
 def default_data_dir() -> str:
@@ -30,17 +34,17 @@ class ImageDataModule(pl.LightningDataModule):
         self,
         data_dir: Optional[str] = None,  # default: $DATA_DIR, else data/
         download: bool = True,
-        batch_size: int = 128,
-        eval_batch_size: Optional[int] = None,  # default: batch_size
-        val_size: Union[int, float] = 0.1,  # a count, or a fraction of the training split
-        seed: int = 0,  # train/val split, shuffling and augmentation draws
+        batch_size: PositiveInt = 128,
+        eval_batch_size: Optional[PositiveInt] = None,  # default: batch_size
+        val_size: Union[NonNegativeInt, ValFraction] = 0.1,  # a count, or a fraction of the training split
+        seed: Seed = 0,  # train/val split, shuffling and augmentation draws
         augment: bool = True,
-        rotation: Optional[float] = None,  # degrees; None: the dataset's default
-        crop_padding: Optional[int] = None,  # pixels; None: the dataset's default
+        rotation: Optional[Degrees] = None,  # degrees; None: the dataset's default
+        crop_padding: Optional[NonNegativeInt] = None,  # pixels; None: the dataset's default
         hflip: Optional[bool] = None,  # None: the dataset's default
-        resized_crop_scale: Optional[tuple[float, float]] = None,  # area range, e.g. [0.8, 1.0]
-        channels: Optional[int] = None,  # 1 or 3; None: the dataset's own
-        resize: Optional[int] = None,  # square side in pixels, e.g. 224
+        resized_crop_scale: Optional[tuple[Fraction, Fraction]] = None,  # area range, e.g. [0.8, 1.0]
+        channels: Optional[Literal[1, 3]] = None,  # None: the dataset's own
+        resize: Optional[PositiveInt] = None,  # square side in pixels, e.g. 224
         normalize: Literal["dataset", "imagenet", "none"] = "dataset",
         pin_memory: bool = True,
     ):
@@ -49,6 +53,9 @@ class ImageDataModule(pl.LightningDataModule):
             raise UserError(f"batch_size must be positive, got {batch_size}; set --data.batch_size to e.g. 128")
         if channels not in (None, 1, 3):
             raise UserError(f"channels must be 1 or 3, got {channels}")
+        if resized_crop_scale is not None and resized_crop_scale[0] > resized_crop_scale[1]:
+            raise UserError(f"data.resized_crop_scale={list(resized_crop_scale)}: the smaller area comes first, "
+                            "e.g. [0.8, 1.0]")
         if isinstance(val_size, float) and not 0 <= val_size < 1:
             raise UserError(f"val_size as a fraction must be in [0, 1), got {val_size}")
         self.data_dir = data_dir or default_data_dir()

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from datamodules import DATAMODULES
-from errors import UserError
+from errors import UserError, one_line_errors, user_error_in
 
 WEIGHTS = {
     "resnet18": "ResNet-18 ImageNet weights into $TORCH_HOME (default ~/.cache/torch)",
@@ -30,6 +30,7 @@ def fetch_weights(name: str) -> None:
         CLIPProcessor.from_pretrained("openai/clip-vit-base-patch32")
 
 
+@one_line_errors()
 def main(argv=None) -> int:
     choices = sorted(DATAMODULES) + sorted(WEIGHTS) + ["all"]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,13 +49,11 @@ def main(argv=None) -> int:
             datamodule = DATAMODULES[name](data_dir=args.data_dir, download=True, **kwargs)
             print(f"fetching {name} into {datamodule.data_dir}", flush=True)
             datamodule.prepare_data()
-        except UserError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
         except Exception as error:  # network errors from torchvision / the hub
-            print(f"error: could not download {name} ({type(error).__name__}: {error}); check the internet "
-                  "connection of this machine", file=sys.stderr)
-            return 2
+            if user_error_in(error) is not None:
+                raise  # ours, or a full disk: the boundary says which
+            raise UserError(f"could not download {name} ({type(error).__name__}: {error}); check the internet "
+                            "connection of this machine") from None
     print("done")
     return 0
 

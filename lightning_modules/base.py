@@ -10,7 +10,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score,
                                          MulticlassPrecision, MulticlassRecall)
 
-from errors import UserError
+from errors import BelowOne, Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, Probability, UserError
 from lightning_modules import fast_log
 
 fast_log.install()  # self.log without Lightning's per-call walk over the stored metric (see fast_log.py)
@@ -42,16 +42,16 @@ class ClassificationModule(pl.LightningModule):
         input_shape: tuple[int, int, int] = (1, 28, 28),  # linked from the datamodule
         class_names: Optional[list[str]] = None,  # linked from the datamodule
         optimizer: Literal["adamw", "adam", "sgd"] = "adamw",
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        momentum: float = 0.9,  # SGD only
+        lr: PositiveFloat = 1e-3,
+        weight_decay: NonNegativeFloat = 0.0,
+        momentum: BelowOne = 0.9,  # SGD only; in [0, 1)
         nesterov: bool = False,  # SGD only
         scheduler: Literal["none", "cosine", "onecycle", "step"] = "cosine",
-        warmup_epochs: float = 0.0,  # linear warmup before the cosine decay
-        step_size: int = 10,  # epochs between decays ("step")
-        gamma: float = 0.1,  # decay factor ("step")
-        label_smoothing: float = 0.0,
-        max_params: Optional[int] = None,  # parameter budget, e.g. 5_000_000 for the CIFAR-100 assignment
+        warmup_epochs: NonNegativeFloat = 0.0,  # linear warmup before the cosine decay
+        step_size: PositiveInt = 10,  # epochs between decays ("step")
+        gamma: Fraction = 0.1,  # decay factor ("step"), in (0, 1]
+        label_smoothing: Probability = 0.0,
+        max_params: Optional[PositiveInt] = None,  # parameter budget, e.g. 5_000_000 for the CIFAR-100 assignment
     ):
         super().__init__()
         if num_classes is None:

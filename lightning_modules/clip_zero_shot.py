@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics.classification import MulticlassAccuracy
 
-from errors import UserError
+from errors import PositiveInt, UserError
 from lightning_modules.base import ClassificationModule, count_parameters
 
 # The 18 CIFAR-10/100 prompts of the CLIP paper (openai/CLIP, data/prompts.md)
@@ -88,7 +88,7 @@ class CLIPZeroShot(ClassificationModule):
         model_name_or_path: str = "openai/clip-vit-base-patch32",  # hub name (cached in $HF_HOME) or a folder
         templates: Union[Literal["default", "cifar"], list[str]] = "default",  # "cifar": the paper's 18 prompts
         preprocess: Literal["clip", "naive"] = "clip",  # naive: bilinear upsampling only, to measure what CLIP's costs
-        text_batch_size: int = 256,  # prompts per text-tower call
+        text_batch_size: PositiveInt = 256,  # prompts per text-tower call
         **kwargs,
     ):
         super().__init__(**kwargs)

@@ -8,7 +8,7 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
-from errors import UserError
+from errors import BelowOne, NonNegativeInt, PositiveFloat, PositiveInt, UserError
 from lightning_modules.base import ClassificationModule
 from lightning_modules.layers import Activation, activation_layer, linear_head
 
@@ -50,21 +50,21 @@ class CNN(ClassificationModule):
 
     def __init__(
         self,
-        channels: list[int] = [32, 64, 128],  # one block per entry
-        kernel_size: int = 3,
-        padding: Optional[int] = None,  # None: kernel_size // 2 ("same" for odd kernels)
-        stride: int = 1,
-        extra_convs: int = 0,  # convs after the first in each block (what `residual` skips over)
+        channels: list[PositiveInt] = [32, 64, 128],  # one block per entry
+        kernel_size: PositiveInt = 3,
+        padding: Optional[NonNegativeInt] = None,  # None: kernel_size // 2 ("same" for odd kernels)
+        stride: PositiveInt = 1,
+        extra_convs: NonNegativeInt = 0,  # convs after the first in each block (what `residual` skips over)
         batch_norm: bool = True,
         residual: bool = False,
-        dropout2d: float = 0.0,
+        dropout2d: BelowOne = 0.0,
         activation: Activation = "relu",
         pool: Literal["max", "avg", "none"] = "max",
-        pool_size: int = 2,
+        pool_size: PositiveInt = 2,
         global_pool: bool = False,  # average over H, W before the head instead of flattening
-        width_multiplier: float = 1.0,  # scales every block's channels (the "narrow" ablation uses 0.5)
-        head_hidden: list[int] = [],
-        head_dropout: float = 0.0,
+        width_multiplier: PositiveFloat = 1.0,  # scales every block's channels (the "narrow" ablation uses 0.5)
+        head_hidden: list[PositiveInt] = [],
+        head_dropout: BelowOne = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)

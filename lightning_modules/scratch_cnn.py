@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import scratch
-from errors import UserError
+from errors import NonNegativeInt, PositiveInt, UserError
 from lightning_modules.base import ClassificationModule
 
 
@@ -43,7 +43,8 @@ class ScratchCNN(ClassificationModule):
 
     hand_trained = True  # its parameters need no requires_grad: our own backward computes the gradients
 
-    def __init__(self, channels: list[int] = [8, 16], kernel_size: int = 3, padding: int = 0, pool_size: int = 2,
+    def __init__(self, channels: list[PositiveInt] = [8, 16], kernel_size: PositiveInt = 3, padding: NonNegativeInt = 0,
+                 pool_size: PositiveInt = 2,
                  **kwargs):
         kwargs.setdefault("optimizer", "sgd")
         super().__init__(**kwargs)

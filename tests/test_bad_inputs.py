@@ -3,14 +3,25 @@
 An earlier run lives in the same log directory for the whole module; every bad command must leave
 its files byte-for-byte as they were and create no run directory of its own.
 """
+import contextlib
 import hashlib
+import io
 import os
 import subprocess
 import sys
+import typing
+from functools import partial
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+import cli
+from callbacks.figures import Figures
+from callbacks.staged_unfreezing import StagedUnfreezing
+from datamodules import EMNISTDataModule, ImageDataModule
+from lightning_modules import CLIPZeroShot, CNN, MLP, ClassificationModule, ResNet18, ScratchCNN
 from tests.conftest import ROOT
 from tests.fixtures import write_mnist
 
@@ -61,11 +72,20 @@ CASES = {
                            "unknown class_path 'datamodules.CIFAR11DataModule'; valid ones: datamodules.Digits"),
     "num_classes against the data": (["--model.init_args.num_classes", "12"], "num_classes=12 disagrees"),
     "parameter budget": (["--model.init_args.max_params", "1000"], "over the budget of 1,000 (max_params)"),
-    "zero learning rate": (["--model.init_args.lr", "0"], "learning rate must be positive"),
-    "negative learning rate": (["--model.init_args.lr", "-0.1"], "learning rate must be positive"),
-    "zero batch size": (["--data.init_args.batch_size", "0"], "batch_size must be positive"),
-    "negative epochs": (["--trainer.max_epochs", "-3"], "max_epochs must be positive"),
-    "zero epochs": (["--trainer.max_epochs", "0"], "max_epochs must be positive"),
+    "zero learning rate": (["--model.init_args.lr", "0"],
+                           "model.init_args.lr=0 is out of range: expected a number in (0, inf)"),
+    "negative learning rate": (["--model.init_args.lr", "-0.1"], "model.init_args.lr=-0.1 is out of range"),
+    "zero batch size": (["--data.init_args.batch_size", "0"],
+                        "data.init_args.batch_size=0 is out of range: expected an integer in (0, inf)"),
+    "negative resize": (["--data.init_args.resize", "-3"],
+                        "data.init_args.resize=-3 is out of range: expected an integer in (0, inf) or null"),
+    "negative weight decay": (["--model.init_args.weight_decay", "-0.1"],
+                              "model.init_args.weight_decay=-0.1 is out of range: expected a number in [0, inf)"),
+    "dropout of one": (["--model.init_args.head_dropout", "1"], "head_dropout=1 is out of range"),
+    "negative patience": (["--early_stopping.patience", "-1"], "early_stopping.patience=-1 is out of range"),
+    "negative devices": (["--trainer.devices", "-2"], "trainer.devices=-2 is out of range: expected -1 (all)"),
+    "negative epochs": (["--trainer.max_epochs", "-3"], "trainer.max_epochs=-3 is out of range"),
+    "zero epochs": (["--trainer.max_epochs", "0"], "trainer.max_epochs=0 is out of range"),
     "gpu without a gpu": (["--trainer.accelerator", "gpu"], "no CUDA GPU; use --trainer.accelerator auto"),
     "missing checkpoint": (["--ckpt_path", "/nonexistent/last.ckpt"], "checkpoint /nonexistent/last.ckpt does not exist"),
 }
@@ -132,3 +152,105 @@ def test_gpu_precision_on_a_cpu_machine_falls_back_with_one_warning(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert warnings == ["warning: precision bf16-mixed needs a GPU and there is none; training in 32-true"]
+
+
+def test_checkpoint_of_another_dataset(untouched, data_dir, tmp_path):
+    """An MNIST CNN's checkpoint given to `test` with the quick-start config (digits, 8x8): one line saying what
+    the checkpoint holds against what the config builds, not a load_state_dict traceback."""
+    mnist = cli.main(["fit", "--config", "configs/mnist_cnn.yaml", "--data.init_args.data_dir", data_dir,
+                      "--data.init_args.download", "false", "--trainer.max_epochs", "1", "--log_dir", str(tmp_path),
+                      "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+                      "--trainer.limit_test_batches", "1", "--figures.enabled", "false",
+                      "--trainer.enable_progress_bar", "false"])
+    result = run_cli("test", *QUICKSTART, "--ckpt_path", mnist.trainer.checkpoint_callback.last_model_path,
+                     "--log_dir", str(untouched[0]))
+    assert_rejected(result, "holds a CNN for 10 classes, input 1x28x28 but the config builds a CNN for 10 classes, "
+                            "input 1x8x8 (digits)", untouched)
+
+
+ENTRY_POINTS = {
+    "visual.shapes, missing config": (["-m", "visual.shapes", "--config", "nowhere.yaml"], "config nowhere.yaml"),
+    "visual.shapes, bad option": (["-m", "visual.shapes", "--config", "configs/quickstart.yaml",
+                                   "--data.init_args.resize", "0"], "data.init_args.resize=0 is out of range"),
+    "visual.figures, missing checkpoint": (["-m", "visual.figures", "--ckpt", "none.ckpt"], "checkpoint none.ckpt"),
+    "datamodules.download, data_dir under a file": (["-m", "datamodules.download", "mnist", "--data_dir",
+                                                     "README.md/data"], "could not download mnist"),
+    "report.py, no runs": (["report.py", "configs", "--out", "/nonexistent/report.md"], "no results.json"),
+}
+
+
+@pytest.mark.parametrize("case", ENTRY_POINTS)
+def test_every_entry_point_has_the_boundary(case, untouched):
+    args, pattern = ENTRY_POINTS[case]
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert_rejected(result, pattern, untouched)
+
+
+# ---- numeric options: every one has a range, and every range is enforced at parse time ----
+
+def range_of(annotation):
+    """The errors.number_range type inside an annotation (Optional[...], list[...], tuple[...]), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, (int, float)) and hasattr(annotation, "check"):
+        return annotation
+    return next(filter(None, map(range_of, typing.get_args(annotation))), None)
+
+
+def unranged_number(annotation) -> bool:
+    return annotation in (int, float) or any(map(unranged_number, typing.get_args(annotation)))
+
+
+SIGNATURES = {  # CLI prefix -> the classes whose __init__ options it sets
+    "data.init_args": [ImageDataModule], "figures": [Figures],
+    "model.init_args": [ClassificationModule, CNN, MLP, ScratchCNN, CLIPZeroShot],
+}
+NOT_RANGED = {"num_classes", "input_shape"}  # linked from the data
+
+
+@pytest.mark.parametrize("cls", [ImageDataModule, EMNISTDataModule, ClassificationModule, CNN, MLP, ScratchCNN,
+                                 ResNet18, CLIPZeroShot, Figures, StagedUnfreezing])
+def test_every_numeric_option_has_a_range(cls):
+    hints = typing.get_type_hints(cls.__init__)
+    assert [name for name, hint in hints.items() if name not in NOT_RANGED and unranged_number(hint)] == []
+
+
+def out_of_range(range_type):
+    """Values just outside and far outside each end of the range."""
+    integer = issubclass(range_type, int)
+    numbers = st.integers if integer else partial(st.floats, allow_nan=False, allow_infinity=False)
+    step = 1 if integer else 0
+    sides = []
+    if range_type.low is not None:
+        sides.append(numbers(max_value=range_type.low - (0 if range_type.low_open else step),
+                             **({} if integer else {"exclude_max": not range_type.low_open})))
+    if range_type.high is not None:
+        sides.append(numbers(min_value=range_type.high + (0 if range_type.high_open else step),
+                             **({} if integer else {"exclude_min": not range_type.high_open})))
+    return st.one_of(sides)
+
+
+OPTIONS = [(prefix, cls, name, range_of(hint)) for prefix, classes in SIGNATURES.items() for cls in classes
+           for name, hint in typing.get_type_hints(cls.__init__).items() if range_of(hint) is not None]
+bad_values = st.sampled_from(OPTIONS).flatmap(lambda option: st.tuples(st.just(option), out_of_range(option[3])))
+
+
+@pytest.fixture(scope="module")
+def parser():
+    return cli.run_cli([*QUICKSTART, "--trainer.logger", "false"], run=False).parser
+
+
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(bad_values)
+def test_any_number_out_of_its_range_is_one_line_naming_option_value_and_range(parser, option_and_value):
+    (prefix, cls, name, range_type), value = option_and_value
+    model = ["--model", f"lightning_modules.{cls.__name__}"] if cls in (MLP, ScratchCNN, CLIPZeroShot) else []
+    hint = typing.get_type_hints(cls.__init__)[name]
+    container = {typing.get_origin(hint), *map(typing.get_origin, typing.get_args(hint))}
+    given = f"[{value}, {value}]" if tuple in container else f"[{value}]" if list in container else value
+    err = io.StringIO()
+    with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stderr(err):
+        parser.parse_args([*QUICKSTART, *model, f"--{prefix}.{name}={given}"])  # "-1e+16" alone looks like a flag
+    assert exit_info.value.code == 2
+    (line,) = err.getvalue().splitlines()
+    assert line.startswith(f"error: {prefix}.{name}=") and f"is out of range: expected {range_type.__doc__}" in line
+    shown = line.split("=", 1)[1].split(" is out of range")[0].strip("[]").split(", ")
+    assert float(value) in map(float, shown), line  # the value the user gave (resized_crop_scale shows both)

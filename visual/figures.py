@@ -17,8 +17,8 @@ import lightning.pytorch as pl
 import torch
 
 from callbacks.figures import Figures
-from errors import UserError
 from callbacks.results import run_directory
+from errors import UserError, one_line_errors
 from visual.build import build_experiment
 
 
@@ -57,6 +57,7 @@ def make_figures(ckpt: str, configs=None, out=None, image=None, image_path=None,
                          confusion=model.test_confusion.compute().cpu(), events_dir=run_dir, checkpoint=name)
 
 
+@one_line_errors()
 def main(argv=None) -> dict[str, str]:
     parser = argparse.ArgumentParser(prog="python -m visual.figures", description=__doc__.split("\n")[0],
                                      epilog="Other arguments are cli.py overrides, e.g. --data.init_args.data_dir D")
@@ -66,11 +67,7 @@ def main(argv=None) -> dict[str, str]:
     parser.add_argument("--image", choices=["test", "grace_hopper"], help="sample image for the feature maps")
     parser.add_argument("--image_path", help="any image file as the sample image")
     args, overrides = parser.parse_known_args(argv)
-    try:
-        written = make_figures(args.ckpt, args.config, args.out, args.image, args.image_path, overrides)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    written = make_figures(args.ckpt, args.config, args.out, args.image, args.image_path, overrides)
     for path in written.values():
         print(path)
     return written

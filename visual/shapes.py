@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from errors import one_line_errors
 from visual.build import build_experiment
 from visual.introspect import input_device_dtype, layer_kind, parameter_count, trace
 
@@ -89,6 +90,7 @@ def render(rows: list[dict]) -> str:
                       *(line([row[c] for c in columns]) for row in rows)])
 
 
+@one_line_errors()
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m visual.shapes", description=__doc__.split("\n")[0],
                                      epilog="Other arguments are cli.py overrides, e.g. --data.init_args.resize 64")
