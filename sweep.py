@@ -49,6 +49,7 @@ class Point:
     experiment: str = ""
     variant: str | None = None
     log_dir: str = "logs"
+    config_name: str = ""  # experiment[-variant] of the configs alone, without the grid values
 
     @property
     def version(self) -> str:
@@ -110,8 +111,8 @@ def _label(value) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]", "", text)
 
 
-def _short_keys(keys: list[str]) -> dict[str, str]:
-    """model.init_args.lr -> lr, unless two grid keys end the same (then the whole key)."""
+def short_keys(keys: list[str]) -> dict[str, str]:
+    """Grid keys as folder and column names: model.init_args.lr -> lr, unless two end the same (then the whole key)."""
     last = [key.rsplit(".", 1)[-1] for key in keys]
     return {key: short if last.count(short) == 1 else key for key, short in zip(keys, last)}
 
@@ -153,7 +154,7 @@ def load_sweep(path: str) -> list[Point]:
         subcommand = merged.get("subcommand", "fit")
         if subcommand not in ("fit", "test"):
             raise UserError(f"{path}: subcommand must be fit or test, got {subcommand!r}")
-        short = _short_keys(list(grid))
+        short = short_keys(list(grid))
         for overlay in merged.get("overlays") or [None]:
             configs = [merged["base"]] + ([overlay] if overlay else [])
             missing = [config for config in configs if not os.path.isfile(config)]
@@ -169,7 +170,7 @@ def load_sweep(path: str) -> list[Point]:
                 variant = "-".join(part for part in (config_variant, grid_part) if part) or None
                 for seed in seeds:
                     points.append(Point(len(points), name, subcommand, configs, values, seed, args, experiment,
-                                        variant, log_dir))
+                                        variant, log_dir, experiment + (f"-{config_variant}" if config_variant else "")))
     folders = [point.run_dir for point in points]
     duplicate = next((folder for folder in folders if folders.count(folder) > 1), None)
     if duplicate is not None:
