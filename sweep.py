@@ -242,6 +242,9 @@ def run_here(path: str, points: list[Point]) -> int:
           file=sys.stderr)
     failed, start = [], time.monotonic()
     for k, point in enumerate(todo):
+        if runner.signal is not None:  # arrived between two points
+            print(f"interrupted: run python sweep.py {path} again to continue", file=sys.stderr, flush=True)
+            return 130
         elapsed = time.monotonic() - start
         eta = f", about {elapsed / k * (len(todo) - k) / 60:.1f} min left" if k else ""
         print(f"[sweep] point {k + 1} of {len(todo)} (#{point.index} {point.run_dir}, {point.state()}); "
