@@ -95,7 +95,10 @@ def _top_level(configs: list[str], args: list[str], key: str, default):
     """A top-level config key (experiment, variant, log_dir): the last --key override, else the last config's."""
     value = default
     for config in configs:
-        loaded = yaml.safe_load(open(config)) or {}
+        try:
+            loaded = yaml.safe_load(open(config)) or {}
+        except yaml.YAMLError as error:
+            raise UserError(f"{config} is not valid YAML ({str(error).splitlines()[0]})") from None
         value = loaded.get(key, value) if isinstance(loaded, dict) else value
     for i, word in enumerate(args):
         if word == f"--{key}" and i + 1 < len(args):
