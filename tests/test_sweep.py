@@ -2,6 +2,7 @@
 to the results of an uninterrupted one; report.py --sweep on a 2-setting x 2-seed sweep."""
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -82,6 +83,25 @@ def test_dry_run_prints_one_line_per_point_and_nothing_else(tmp_path, monkeypatc
     assert len(lines) == 4 and all(" new " in line for line in lines)
     assert f"{tmp_path}/logs/quickstart-lr=0.003/tiny-seed1" in lines[3] and "--seed_everything 1" in lines[3]
     assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("template", sorted(n for n in os.listdir(os.path.join(ROOT, "slurm")) if n.endswith(".sbatch")))
+@pytest.mark.parametrize("restart", [0, 1])
+def test_every_template_runs_a_sweep_point_as_its_array_task(template, restart, tmp_path):
+    (tmp_path / "srun").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')  # prints the command it would start
+    (tmp_path / "srun").chmod(0o755)
+    line = ["test", "--config", "configs/cifar100_clip.yaml", "--model.init_args.templates", "a photo of a {}.",
+            "--run_version", "s-seed0", "--ckpt_path", "x.ckpt"]
+    (tmp_path / "points").write_text("fit --config configs/quickstart.yaml\n" + shlex.join(line) + "\n")
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "SWEEP_POINTS": str(tmp_path / "points"),
+           "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_JOB_ID": "7", "SLURM_JOB_ID": "8", "SLURM_JOB_NODELIST": "node",
+           "SLURM_NNODES": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_RESTART_COUNT": str(restart)}
+    result = subprocess.run(["bash", f"slurm/{template}"], cwd=ROOT, env=env, capture_output=True, text=True)
+    words = result.stdout.splitlines()[1:]  # after common.sh's line naming the job
+    assert result.returncode == 0 and words[:3] == ["python", "cli.py", "test"], result.stderr
+    configs = [words[i + 1] for i, word in enumerate(words) if word == "--config"]
+    assert configs[-1] == "configs/cifar100_clip.yaml" and "a photo of a {}." in words
+    assert ("--ckpt_path" in words) == (restart == 0)  # a requeued task resumes from its hpc_ckpt_N.ckpt
 
 
 def metrics(folder: Path) -> dict:
