@@ -167,13 +167,14 @@ def load_sweep(path: str) -> list[Point]:
             experiment = _top_level(configs, args, "experiment", "experiment")
             config_variant = _top_level(configs, args, "variant", None)
             log_dir = _top_level(configs, args, "log_dir", "logs")
+            config_name = experiment + (f"-{config_variant}" if config_variant else "")
             for combination in itertools.product(*grid.values()):
                 values = dict(zip(grid, combination))
                 grid_part = "_".join(f"{short[key]}={_label(value)}" for key, value in values.items())
                 variant = "-".join(part for part in (config_variant, grid_part) if part) or None
                 for seed in seeds:
                     points.append(Point(len(points), name, subcommand, configs, values, seed, args, experiment,
-                                        variant, log_dir, experiment + (f"-{config_variant}" if config_variant else "")))
+                                        variant, log_dir, config_name))
     folders = [point.run_dir for point in points]
     duplicate = next((folder for folder in folders if folders.count(folder) > 1), None)
     if duplicate is not None:

@@ -85,7 +85,7 @@ def test_dry_run_prints_one_line_per_point_and_nothing_else(tmp_path, monkeypatc
     assert not (tmp_path / "logs").exists()
 
 
-@pytest.mark.parametrize("template", sorted(n for n in os.listdir(os.path.join(ROOT, "slurm")) if n.endswith(".sbatch")))
+@pytest.mark.parametrize("template", sorted(n for n in os.listdir(os.path.join(ROOT, "slurm")) if ".sbatch" in n))
 @pytest.mark.parametrize("restart", [0, 1])
 def test_every_template_runs_a_sweep_point_as_its_array_task(template, restart, tmp_path):
     (tmp_path / "srun").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')  # prints the command it would start
@@ -93,7 +93,8 @@ def test_every_template_runs_a_sweep_point_as_its_array_task(template, restart, 
     line = ["test", "--config", "configs/cifar100_clip.yaml", "--model.init_args.templates", "a photo of a {}.",
             "--run_version", "s-seed0", "--ckpt_path", "x.ckpt"]
     (tmp_path / "points").write_text("fit --config configs/quickstart.yaml\n" + shlex.join(line) + "\n")
-    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "SWEEP_POINTS": str(tmp_path / "points"),
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
+           "SWEEP_POINTS": str(tmp_path / "points"),
            "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_JOB_ID": "7", "SLURM_JOB_ID": "8", "SLURM_JOB_NODELIST": "node",
            "SLURM_NNODES": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_RESTART_COUNT": str(restart)}
     result = subprocess.run(["bash", f"slurm/{template}"], cwd=ROOT, env=env, capture_output=True, text=True)
