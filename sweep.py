@@ -215,7 +215,7 @@ class LocalRunner:
     def __init__(self):
         self.process, self.signal = None, None
 
-    def _forward(self, signum, _frame):
+    def forward(self, signum, _frame):
         self.signal = signum
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signum)  # cli.py stops at a safe point and saves checkpoints/last.ckpt
@@ -240,7 +240,7 @@ class LocalRunner:
 def run_here(path: str, points: list[Point]) -> int:
     runner = LocalRunner()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, runner._forward)
+        signal.signal(signum, runner.forward)
     todo = [point for point in points if point.state() != "finished"]
     print(f"sweep {points[0].sweep}: {len(points)} points, {len(points) - len(todo)} finished, {len(todo)} to run",
           file=sys.stderr)
@@ -286,7 +286,10 @@ def submit(path: str, points: list[Point], template: str, max_parallel: int | No
     array = ",".join(map(str, todo)) + (f"%{max_parallel}" if max_parallel else "")
     command = ["sbatch", "--parsable", f"--array={array}", "--output=logs/slurm/%x-%A_%a.out",
                f"--export=ALL,SWEEP_POINTS={points_file.resolve()}", *options, template]
-    result = subprocess.run(command, capture_output=True, text=True)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise UserError("sbatch is not on PATH: submit from a SLURM login node, or run the sweep here without --slurm")
     if result.returncode != 0:
         raise UserError(f"sbatch failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ''}")
     job = result.stdout.strip().split(";")[0]
