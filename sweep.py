@@ -170,7 +170,8 @@ def load_sweep(path: str) -> list[Point]:
             config_name = experiment + (f"-{config_variant}" if config_variant else "")
             for combination in itertools.product(*grid.values()):
                 values = dict(zip(grid, combination))
-                grid_part = "_".join(f"{short[key]}={_label(value)}" for key, value in values.items())
+                grid_part = "_".join(f"{short[key]}={_label(value)}" for key, value in values.items()
+                                     if len(grid[key]) > 1)  # a single value is not a variant
                 variant = "-".join(part for part in (config_variant, grid_part) if part) or None
                 for seed in seeds:
                     points.append(Point(len(points), name, subcommand, configs, values, seed, args, experiment,
