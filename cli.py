@@ -72,8 +72,9 @@ def torchrun_store() -> Optional[torch.distributed.TCPStore]:
                                       timeout=datetime.timedelta(minutes=10))
 
 
-def claim_run_dir(log_dir: str, experiment: str) -> str:
-    """Creates logs/<experiment>/<version>; `mkdir` is atomic, so concurrent runs never share one."""
+def claim_run_dir(log_dir: str, experiment: str, fixed_version: Optional[str] = None) -> str:
+    """Creates logs/<experiment>/<version>; `mkdir` is atomic, so concurrent runs never share one.
+    A `fixed_version` (a sweep point's `run_version`) names the folder instead and re-uses it, as a requeue does."""
     parent = os.path.join(log_dir, experiment)
     try:
         os.makedirs(parent, exist_ok=True)
@@ -82,8 +83,8 @@ def claim_run_dir(log_dir: str, experiment: str) -> str:
                         "choose a writable one with --log_dir") from None
     if not os.access(parent, os.W_OK):
         raise UserError(f"the log directory {parent} is not writable; choose another with --log_dir")
-    version = run_version()
-    if os.environ.get("SLURM_JOB_ID") or is_worker_process():  # a requeued SLURM job or any DDP rank: same folder
+    version = fixed_version or run_version()
+    if fixed_version or os.environ.get("SLURM_JOB_ID") or is_worker_process():  # a requeued SLURM job or any DDP rank: same folder
         try:  # all srun tasks start at once: whichever is first creates it, no "-2" for the others
             os.mkdir(os.path.join(parent, version))
             _created_run_dirs.append(os.path.join(parent, version))
@@ -127,6 +128,8 @@ class ExperimentCLI(LightningCLI):
         parser.add_argument("--experiment", type=str, default="experiment", help="name of the run folder under log_dir")
         parser.add_argument("--variant", type=Optional[str], default=None, help="ablation/variant name, appended")
         parser.add_argument("--log_dir", type=str, default="logs")
+        parser.add_argument("--run_version", type=Optional[str], default=None,
+                            help="fixed run folder name (sweep.py sets it); a re-run continues in that folder")
         parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")  # last.ckpt = the newest state
         parser.set_defaults({"checkpoint.monitor": "val/loss", "checkpoint.mode": "min", "checkpoint.save_last": True,
                              "checkpoint.filename": "best-epoch{epoch:02d}", "checkpoint.auto_insert_metric_name": False})
@@ -165,7 +168,7 @@ class ExperimentCLI(LightningCLI):
         if trainer_config.max_epochs is not None and trainer_config.max_epochs <= 0 and trainer_config.max_epochs != -1:
             raise UserError(f"trainer.max_epochs must be positive, got {trainer_config.max_epochs}")
         if trainer_config.logger in (None, True):
-            run_dir = claim_run_dir(config.log_dir, self.experiment_name)
+            run_dir = claim_run_dir(config.log_dir, self.experiment_name, config.run_version)
             kwargs["logger"] = TensorBoardLogger(save_dir=config.log_dir, name=self.experiment_name,
                                                  version=os.path.basename(run_dir), default_hp_metric=False)
             kwargs.setdefault("default_root_dir", run_dir)  # SLURM's hpc checkpoints land here too

@@ -16,12 +16,19 @@ DATA_ARGS=(--data.init_args.data_dir "$DATA_DIR")
 echo "$(date '+%F %T') job ${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID} on" \
      "$SLURM_JOB_NODELIST, restart ${SLURM_RESTART_COUNT:-0}, data in $DATA_DIR"
 
-# array templates: TASK = the words of line $SLURM_ARRAY_TASK_ID of their TASKS list
-select_task() {
-  local line=${TASKS[$SLURM_ARRAY_TASK_ID]:-}
+# a sweep's array task (python sweep.py SWEEP --slurm TEMPLATE exports SWEEP_POINTS): line $SLURM_ARRAY_TASK_ID of
+# that file is `<subcommand> --config <base> [--config overlay] [overrides] [--ckpt_path last.ckpt]`; it becomes
+# $SUBCOMMAND and the template's arguments, `<base> [--config overlay] [overrides]`, as if given to sbatch
+if [[ -n ${SWEEP_POINTS:-} ]]; then
+  line=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" "$SWEEP_POINTS")
   if [[ -z $line ]]; then
-    echo "error: array task $SLURM_ARRAY_TASK_ID has no line in TASKS; submit with --array=0-$((${#TASKS[@]} - 1))" >&2
+    echo "error: array task $SLURM_ARRAY_TASK_ID has no line in $SWEEP_POINTS; resubmit with python sweep.py" >&2
     exit 2
   fi
-  read -ra TASK <<< "$line"
-}
+  eval "POINT=($line)"  # sweep.py writes each line with shlex.join: shell quoting
+  if (( ${SLURM_RESTART_COUNT:-0} > 0 )) && [[ ${POINT[-2]:-} == --ckpt_path ]]; then
+    POINT=("${POINT[@]:0:${#POINT[@]}-2}")  # requeued: Lightning resumes from the newer hpc_ckpt_N.ckpt
+  fi
+  SUBCOMMAND=${POINT[0]}
+  set -- "${POINT[@]:2}"
+fi

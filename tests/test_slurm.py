@@ -39,8 +39,6 @@ SUBMISSIONS = {
     "fit.sbatch": (["configs/mnist_cnn.yaml", *TINY], [], {"STAGE_DATA": "1"}),
     "resnet_emnist.sbatch": ([*TINY, *NO_FIGURES, "--data.init_args.resize", "null"], [], {}),
     "clip_eval.sbatch": ([*TINY, *NO_FIGURES, *CIFAR_AS_MNIST], [], {}),
-    "cifar100_suite.sbatch": ([*TINY, *NO_FIGURES, *CIFAR_AS_MNIST], [], {}),
-    "resnet_freeze_sweep.sbatch": ([*TINY, *NO_FIGURES, *CIFAR_AS_MNIST], [], {}),
 }
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
@@ -51,44 +49,20 @@ def header(template: str) -> dict[str, str]:
     return dict(option.lstrip("-").partition("=")[::2] for option in options)
 
 
-def array_tasks(template: str) -> list[list[str]]:
-    """The TASKS lines of an array template, each as its words (a subcommand and --config flags)."""
+def subcommand(template: str) -> str:
+    """The template's own subcommand: `srun python cli.py "${SUBCOMMAND:-fit}" ...` (a sweep point sets it)."""
     text = open(os.path.join(ROOT, "slurm", template)).read()
-    block = re.search(r"^TASKS=\(\n(.*?)^\)", text, re.S | re.M)
-    return [line.strip().strip('"').split() for line in block.group(1).splitlines()] if block else []
-
-
-def subcommand(template: str, task) -> str:
-    text = open(os.path.join(ROOT, "slurm", template)).read()
-    return task[0] if task else re.search(r"srun python cli.py (\w+)", text)[1]
-
-
-def expected_experiment(words: list[str]) -> str:
-    configs = [yaml.safe_load(open(os.path.join(ROOT, c))) for c in words[2::2]]  # --config a --config b
-    variant = next((c["variant"] for c in reversed(configs) if c.get("variant")), None)
-    return configs[0]["experiment"] + (f"-{variant}" if variant else "")
+    return re.search(r'srun python cli.py "\$\{SUBCOMMAND:-(\w+)\}"', text)[1]
 
 
 @pytest.mark.parametrize("template", TEMPLATES)
-def test_template_header_and_task_list(template):
+def test_template_header(template):
     assert subprocess.run(["bash", "-n", os.path.join(ROOT, "slurm", template)]).returncode == 0
     options, text = header(template), open(os.path.join(ROOT, "slurm", template)).read()
     assert options["signal"] == "SIGUSR1@90" and "requeue" in options and options["open-mode"] == "append"
     assert "source slurm/common.sh" in text and "srun python cli.py " in text
-    tasks = array_tasks(template)
-    assert options["output"] == ("logs/slurm/%x-%A_%a.out" if tasks else "logs/slurm/%x-%j.out")
-    if tasks:
-        assert options["array"] == f"0-{len(tasks) - 1}", "the --array range must match the TASKS list"
-        for words in tasks:
-            assert words[0] in ("fit", "test") and words[1::2] == ["--config"] * len(words[1::2]), words
-            assert all(os.path.isfile(os.path.join(ROOT, c)) for c in words[2::2]), words
-    overlays = {c for words in tasks for c in words[4::2]}
-    if template == "cifar100_suite.sbatch":
-        assert overlays == {f"configs/ablations/{os.path.basename(p)}"
-                            for p in glob.glob(os.path.join(ROOT, "configs", "ablations", "*.yaml"))}
-    if template == "resnet_freeze_sweep.sbatch":
-        assert overlays == {f"configs/freeze/{name}.yaml"
-                            for name in ("none", "conv1_bn1", "layer1", "layer1-2", "layer1-3", "layer1-4")}
+    assert options["output"] == "logs/slurm/%x-%j.out" and "array" not in options  # arrays: python sweep.py --slurm
+    assert subcommand(template) in ("fit", "test")  # a sweep point sets $SUBCOMMAND (tests/test_sweep_slurm.py)
 
 
 def _free_port() -> int:
@@ -304,19 +278,13 @@ def jobs(slurm, checkout):
 def test_template_runs_to_a_results_file_per_task(slurm, checkout, jobs, template):
     job, logs = jobs[template], checkout[0] / "logs"
     records = slurm.wait(job)
-    tasks = array_tasks(template) or [None]
-    name = header(template)["job-name"]
-    outputs = [output(checkout, name, f"{job}_{i}" if task else job) for i, task in enumerate(tasks)]
-    assert [(r["JobState"], r["ExitCode"]) for r in records] == [("COMPLETED", "0:0")] * len(tasks), outputs
-    for i, task in enumerate(tasks):
-        version = f"{job}_{i}" if task else job  # an array job: one run directory per task
-        found = glob.glob(str(logs / "*" / version / "results.json"))
-        assert len(found) == 1, (version, outputs[i][-3000:])
-        results = json.load(open(found[0]))
-        assert set(results["test"]) == ({"final"} if subcommand(template, task) == "test" else {"best", "last"})
-        if task:
-            assert results["experiment"] == expected_experiment(task)
-        assert "Traceback" not in outputs[i]
+    out = output(checkout, header(template)["job-name"], job)
+    assert [(r["JobState"], r["ExitCode"]) for r in records] == [("COMPLETED", "0:0")], out[-3000:]
+    found = glob.glob(str(logs / "*" / job / "results.json"))
+    assert len(found) == 1, out[-3000:]
+    results = json.load(open(found[0]))
+    assert set(results["test"]) == ({"final"} if subcommand(template) == "test" else {"best", "last"})
+    assert "Traceback" not in out
     if template == "fit.sbatch":  # STAGE_DATA=1: read from a node-local copy, removed at the end
         staged = os.path.join(checkout[1]["TMPDIR"], f"data-{job}")
         assert yaml.safe_load(open(logs / "mnist_cnn" / job / "config.yaml"))["data"]["init_args"]["data_dir"] == staged
