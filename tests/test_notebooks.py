@@ -21,7 +21,7 @@ def test_stored_without_outputs(path):
     dirty = [index for index, cell in enumerate(notebook.cells)
              if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None)]
     assert not dirty, (f"{os.path.basename(path)}: cells {dirty} hold outputs; clear them before committing "
-                       f"(jupyter nbconvert --clear-output --inplace {os.path.relpath(path, ROOT)})")
+                       "(JupyterLab: Edit > Clear Outputs of All Cells)")
 
 
 @pytest.mark.slow
