@@ -42,3 +42,5 @@ def test_runs_in_smoke_mode(path, tmp_path, monkeypatch):
     assert runs, "the notebook wrote no results.json into LOGS"
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert any("image/png" in output.get("data", {}) for output in outputs), "no figure was displayed inline"
+    widget = "application/vnd.jupyter.widget-view+json"  # Lightning's tqdm.auto bars, as widgets (ipywidgets)
+    assert any(widget in output.get("data", {}) for output in outputs), "no progress bar rendered as a widget"
