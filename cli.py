@@ -111,8 +111,8 @@ class OneLineErrorParser(LightningArgumentParser):
     def error(self, message: str, ex=None):
         if not self.exit_on_error:  # jsonargparse is probing (e.g. a Union type): let it catch this
             return super().error(message, ex)
-        print(f"error: {one_line_parse_error(message, _subcommand[0])}", file=sys.stderr)
-        sys.exit(2)
+        # raised, not printed: cli.main's boundary prints `error: ...` (exit 2), a notebook gets the exception
+        raise UserError(one_line_parse_error(message, _subcommand[0])) from None
 
     def save(self, cfg, path, **kwargs):
         # the run's config.yaml (SaveConfigCallback): validated when it was parsed; validating it again on the

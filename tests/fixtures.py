@@ -83,3 +83,38 @@ def write_all(root: str) -> None:
     write_emnist(root)
     write_cifar(root, hundred=False, per_batch=20)
     write_cifar(root, hundred=True, per_batch=40, n_test=100)
+
+
+def tiny_clip_tokenizer():
+    """Byte-level BPE with no merges: every byte is a token (the real vocabulary's first 512 entries)."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    vocab.update({token: i + 2 for i, token in enumerate(chars + [c + "</w>" for c in chars])})
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def write_tiny_clip(folder: str) -> str:
+    """A random CLIP (2 layers, width 32, ViT patch 32 on 224x224) saved like a hub snapshot; returns folder.
+
+    initializer_factor 10: with the default init every image embedding points the same way and all images
+    get the same class, which would hide a mix-up between images.
+    """
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tokenizer = tiny_clip_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1, initializer_factor=10.0),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=224, patch_size=32, initializer_factor=10.0),
+        projection_dim=16, initializer_factor=10.0)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPImageProcessor().save_pretrained(folder)  # shortest edge 224, center crop 224, CLIP mean/std
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -14,46 +14,16 @@ from datamodules.datasets import CIFAR10_CLASSES
 from errors import UserError
 from lightning_modules.base import count_parameters
 from lightning_modules.clip_zero_shot import CLIPZeroShot, ensemble_prompts, resolve_templates
+from tests.fixtures import tiny_clip_tokenizer, write_tiny_clip
 from tests.test_cli import fixture_args
 
 CLASS_NAMES = [name.replace("_", " ") for name in CIFAR10_CLASSES]
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def tiny_tokenizer():
-    """Byte-level BPE with no merges: every byte is a token (the real vocabulary's first 512 entries)."""
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    vocab.update({token: i + 2 for i, token in enumerate(chars + [c + "</w>" for c in chars])})
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-
-
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> str:
-    """A random CLIP (2 layers, width 32, ViT patch 32 on 224x224) saved like a hub snapshot.
-
-    initializer_factor 10: with the default init every image embedding points the same way and all images
-    get the same class, which would hide a mix-up between images.
-    """
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    folder = str(tmp_path_factory.mktemp("tiny_clip"))
-    tokenizer = tiny_tokenizer()
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1, initializer_factor=10.0),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=224, patch_size=32, initializer_factor=10.0),
-        projection_dim=16, initializer_factor=10.0)
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    CLIPImageProcessor().save_pretrained(folder)  # shortest edge 224, center crop 224, CLIP mean/std
-    tokenizer.save_pretrained(folder)
-    return folder
+    return write_tiny_clip(str(tmp_path_factory.mktemp("tiny_clip")))
 
 
 def random_images(n: int, channels: int = 3, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -118,7 +88,7 @@ def test_prompt_ensembling_averages_normalized_embeddings(tiny_clip):
     templates = ["a photo of a {}.", "a blurry photo of the {}.", "art of the {}"]
     model = zero_shot(tiny_clip, templates=templates)
     ours = model.encode_prompts(torch.device("cpu"))  # (10, D)
-    reference_model, tokenizer = CLIPModel.from_pretrained(tiny_clip), tiny_tokenizer()
+    reference_model, tokenizer = CLIPModel.from_pretrained(tiny_clip), tiny_clip_tokenizer()
     with torch.no_grad():
         per_template = torch.stack([  # (T, 10, D), each prompt on its own: no padding involved
             torch.cat([F.normalize(reference_model.get_text_features(

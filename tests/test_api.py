@@ -1,0 +1,95 @@
+"""api.py in-process: overrides spelled like the CLI, a Run from fit/test on generated data, errors as exceptions."""
+import json
+import os
+
+import pytest
+from matplotlib.figure import Figure
+
+import api
+from errors import UserError
+
+
+@pytest.fixture(autouse=True)
+def no_forced_overrides():
+    yield
+    api.set_overrides()  # a test that forces overrides must not leak them into the next
+
+
+def generated(data_dir, log_dir) -> dict:
+    """The generated Fashion-MNIST files, one short epoch, no progress bar."""
+    return {"data.init_args.data_dir": data_dir, "data.init_args.download": False, "data.init_args.val_size": 0.2,
+            "trainer.accelerator": "cpu", "trainer.max_epochs": 1, "trainer.enable_progress_bar": False,
+            "log_dir": str(log_dir)}
+
+
+def test_overrides_are_spelled_like_the_command_line():
+    args = api.command_line("fit", ["configs/quickstart.yaml", "configs/ablations/narrow.yaml"],
+                            {"trainer.max_epochs": 5, "model.init_args.channels": [8, 16], "variant": None,
+                             "trainer.enable_progress_bar": False, "checkpoint.filename": "x"})
+    assert args == ["fit", "--config", "configs/quickstart.yaml", "--config", "configs/ablations/narrow.yaml",
+                    "--trainer.max_epochs", "5", "--model.init_args.channels", "[8, 16]", "--variant", "null",
+                    "--trainer.enable_progress_bar", "false", "--checkpoint.filename", "x"]
+
+
+def test_forced_overrides_come_last_and_clear():
+    api.set_overrides(**{"trainer.max_epochs": 1})
+    assert api.command_line("test", ["a.yaml"], {"trainer.max_epochs": 9})[-2:] == ["--trainer.max_epochs", "1"]
+    api.set_overrides()
+    assert api.command_line("test", ["a.yaml"], {}) == ["test", "--config", "a.yaml"]
+
+
+@pytest.mark.slow
+def test_fit_returns_the_run_and_test_reuses_its_checkpoint(data_dir, tmp_path, capsys):
+    run = api.fit("configs/fashion_mnist_cnn.yaml", **generated(data_dir, tmp_path))
+    assert run.run_dir.parent == tmp_path / "fashion_mnist_cnn"
+    assert run.results == json.loads((run.run_dir / "results.json").read_text())
+    assert set(run.checkpoints) == {"best", "last"} and all(os.path.isfile(p) for p in run.checkpoints.values())
+    assert 0 <= run.accuracy("best") <= 1 and run.accuracy("final") is None
+    assert {"curves", "confusion_matrix", "predictions", "feature_maps"} <= set(run.figures)
+    assert isinstance(run.curves(), Figure)
+    capsys.readouterr()
+    run.show("curves")  # outside Jupyter: the path
+    assert capsys.readouterr().out.strip() == str(run.figures["curves"])
+
+    tested = api.test(run.run_dir / "config.yaml", ckpt_path=run.checkpoints["best"], log_dir=str(tmp_path / "t"))
+    assert tested.results["test"]["final"]["acc"] == pytest.approx(run.accuracy("best"))
+    assert api.Run.load(tested.run_dir) == tested
+
+    markdown = api.report([run, tested])
+    assert isinstance(markdown, str) and markdown._repr_markdown_() == markdown
+    assert "fashion_mnist_cnn" in markdown and "| fashion_mnist |" in markdown
+    assert api.report(tmp_path) == api.report([run, tested])  # a folder: every results.json under it
+
+
+def test_forced_smoke_overrides_switch_the_data(tmp_path):
+    """What a notebook's smoke cell does: the bundled digits instead of a dataset that is not on disk."""
+    api.set_overrides(log_dir=str(tmp_path), **{"data": "datamodules.DigitsDataModule", "data.init_args.resize": 28,
+                                                "data.init_args.val_size": 0.1, "trainer.fast_dev_run": True,
+                                                "trainer.enable_progress_bar": False})
+    run = api.fit("configs/fashion_mnist_mlp.yaml", **{"data.init_args.data_dir": str(tmp_path / "none")})
+    assert run.results == {} and not run.run_dir.exists()  # fast_dev_run leaves no run directory
+
+
+@pytest.mark.parametrize("configs, overrides, message", [
+    (["configs/quickstart.yaml"], {"model.init_args.no_such_option": 1}, "no_such_option"),
+    (["configs/quickstart.yaml"], {"trainer.max_epochs": 0}, "trainer.max_epochs must be positive"),
+    (["configs/no_such_config.yaml"], {}, "no_such_config.yaml"),
+    (["configs/fashion_mnist_cnn.yaml"], {"data.init_args.download": False}, "python -m datamodules.download"),
+])
+def test_mistakes_raise_one_line_user_errors_and_leave_nothing(configs, overrides, message, tmp_path):
+    with pytest.raises(UserError) as error:  # never SystemExit: a kernel's cell must survive it
+        api.fit(*configs, **{"log_dir": str(tmp_path), "data.init_args.data_dir": str(tmp_path / "data"),
+                             "trainer.enable_progress_bar": False, **overrides})
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert not list(tmp_path.glob("*/*")), "a failed command left a run directory"
+
+
+def test_report_and_run_mistakes_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="no results.json under"):
+        api.report(tmp_path)
+    with pytest.raises(UserError, match="unknown layout"):
+        api.report(tmp_path, layout="cifar1000")
+    with pytest.raises(UserError, match="does not exist"):
+        api.Run.load(tmp_path / "missing")
+    with pytest.raises(UserError, match="no figure curves"):
+        api.Run(tmp_path).show("curves")

@@ -1,0 +1,46 @@
+"""Every notebook runs top to bottom in a real Jupyter kernel in smoke mode (SMOKE=1), and is stored without outputs."""
+import glob
+import os
+
+import nbformat
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
+
+
+def test_there_is_one_notebook_per_assignment_family():
+    assert [os.path.basename(path) for path in NOTEBOOKS] == [
+        "cifar10.ipynb", "cifar100.ipynb", "emnist.ipynb", "fashion_mnist.ipynb"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_stored_without_outputs(path):
+    notebook = nbformat.read(path, as_version=4)
+    nbformat.validate(notebook)
+    dirty = [index for index, cell in enumerate(notebook.cells)
+             if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None)]
+    assert not dirty, (f"{os.path.basename(path)}: cells {dirty} hold outputs; clear them before committing "
+                       "(JupyterLab: Edit > Clear Outputs of All Cells)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_runs_in_smoke_mode(path, tmp_path, monkeypatch):
+    """nbclient starts the `python3` kernel; jupyter_client runs a kernel.json whose command is `python` with this
+    interpreter (sys.executable), so the kernel sees this virtualenv's packages. A failing cell raises
+    CellExecutionError with the cell's source and traceback."""
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("SMOKE", "1")  # the kernel inherits this process's environment
+    monkeypatch.setenv("LOGS", str(tmp_path / "logs"))
+    notebook = nbformat.read(path, as_version=4)
+    client = NotebookClient(notebook, timeout=900, kernel_name="python3",
+                            resources={"metadata": {"path": os.path.dirname(path)}})  # cwd: notebooks/
+    client.execute()
+    runs = glob.glob(str(tmp_path / "logs" / "*" / "*" / "results.json"))
+    assert runs, "the notebook wrote no results.json into LOGS"
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+    assert any("image/png" in output.get("data", {}) for output in outputs), "no figure was displayed inline"
+    widget = "application/vnd.jupyter.widget-view+json"  # Lightning's tqdm.auto bars, as widgets (ipywidgets)
+    assert any(widget in output.get("data", {}) for output in outputs), "no progress bar rendered as a widget"
