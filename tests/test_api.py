@@ -93,3 +93,25 @@ def test_report_and_run_mistakes_are_user_errors(tmp_path):
         api.Run.load(tmp_path / "missing")
     with pytest.raises(UserError, match="no figure curves"):
         api.Run(tmp_path).show("curves")
+
+
+def test_wrapped_user_errors_are_unwrapped_and_interrupts_pass_through(monkeypatch):
+    import cli
+    from errors import CommandInterrupted
+
+    def wrapped(args):  # what jsonargparse does to an error raised in a class's __init__
+        try:
+            raise UserError("data.split: unknown EMNIST split; choose one of byclass, ...")
+        except UserError as error:
+            raise ValueError("Problem with given class_path") from error
+
+    monkeypatch.setattr(cli, "run_cli", wrapped)
+    with pytest.raises(UserError, match="^data.split: unknown EMNIST split; choose one of byclass, ...$"):
+        api.fit("configs/quickstart.yaml")
+
+    def interrupted(args):
+        raise CommandInterrupted("interrupted: stopped at a safe point")
+
+    monkeypatch.setattr(cli, "run_cli", interrupted)
+    with pytest.raises(CommandInterrupted):  # the kernel's stop button: a checkpoint was saved, the cell ends
+        api.fit("configs/quickstart.yaml")
