@@ -121,6 +121,11 @@ class ClassificationModule(pl.LightningModule):
             self.log("train/acc", self.train_metrics.compute())  # syncs the counts across DDP ranks
         self.train_metrics.reset()
 
+    # the precision plugin converted these with the module (16-true, bf16-true): a float16 sum of losses overflows
+    # past ~30k samples and a bfloat16 one rounds to steps of 128, so they sum in float32 whatever the model's dtype
+    def on_validation_epoch_start(self) -> None:
+        self.val_loss.set_dtype(torch.float32)
+
     # val/test: per step only metric updates (no collective: under DDP ranks may run different numbers of
     # batches); the metrics gather their states across ranks once, in compute() at epoch end
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -148,6 +153,7 @@ class ClassificationModule(pl.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self.test_confusion.reset()  # kept after the epoch (figures read it), so a second test starts from zero
+        self.test_loss.set_dtype(torch.float32)
 
     def on_test_epoch_end(self) -> None:
         self.log_dict({**self.test_metrics.compute(), "test/loss": self.test_loss.compute()})

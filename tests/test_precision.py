@@ -90,3 +90,13 @@ def test_precision_trains_on_gpu(tmp_path, config, precision):
     results = _fit(tmp_path, config, precision, "--trainer.accelerator", "gpu", "--trainer.devices", "1")
     assert results["efficiency"]["precision"] == precision
     assert results["test"]["last"]["loss"] == results["test"]["last"]["loss"]
+
+
+def test_loss_means_sum_in_float32_in_a_16_bit_model():
+    """At 16-true the precision plugin converts the metrics with the module; 100,000 losses of 2.5 overflow float16."""
+    from lightning_modules import CNN
+
+    model = CNN(num_classes=10, input_shape=(1, 8, 8), channels=[4]).to(dtype=torch.float16)
+    model.on_test_epoch_start()
+    model.test_loss.update(torch.tensor(2.5, dtype=torch.float16), weight=100_000)
+    assert model.test_loss.compute().item() == 2.5
