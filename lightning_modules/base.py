@@ -52,6 +52,7 @@ class ClassificationModule(pl.LightningModule):
         gamma: float = 0.1,  # decay factor ("step")
         label_smoothing: float = 0.0,
         max_params: Optional[int] = None,  # parameter budget, e.g. 5_000_000 for the CIFAR-100 assignment
+        compile: Optional[str] = None,  # a torch.compile backend for self.net, e.g. inductor (GPUs); None: eager
     ):
         super().__init__()
         if num_classes is None:
@@ -87,6 +88,12 @@ class ClassificationModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.check_parameter_budget()
+        if self.hparams.compile:  # in place (nn.Module.compile): state_dict keys and checkpoints stay the same
+            try:
+                self.net.compile(backend=self.hparams.compile)  # compiles lazily: the first batches pay for it
+            except Exception as error:  # an unknown backend name
+                raise UserError(f"compile={self.hparams.compile!r} failed ({str(error).splitlines()[0]}); use a "
+                                "torch.compile backend such as inductor, or null") from None
 
     def on_train_start(self) -> None:
         counts = count_parameters(self)

@@ -68,3 +68,16 @@ def test_channels_last_cnn_gives_the_same_logits_and_gradients():
     plain(x).square().sum().backward(), nhwc(x).square().sum().backward()
     torch.testing.assert_close(nhwc(x), plain(x), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(conv.grad, plain.net.features[1].conv[0].weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_option_keeps_outputs_and_checkpoint_keys():
+    torch.manual_seed(0)
+    eager = CNN(channels=[8, 16], num_classes=10, input_shape=(1, 28, 28))
+    compiled = CNN(channels=[8, 16], num_classes=10, input_shape=(1, 28, 28), compile="eager")  # dynamo, no codegen
+    compiled.load_state_dict(eager.state_dict())
+    compiled.setup("fit")
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints load either way
+    x = torch.randn(4, 1, 28, 28)
+    torch.testing.assert_close(compiled(x), eager(x))
+    with pytest.raises(UserError, match="compile='nonsense'"):
+        CNN(channels=[8], num_classes=10, input_shape=(1, 28, 28), compile="nonsense").setup("fit")
