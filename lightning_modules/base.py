@@ -88,9 +88,10 @@ class ClassificationModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.check_parameter_budget()
-        if self.hparams.compile:  # in place (nn.Module.compile): state_dict keys and checkpoints stay the same
-            try:
+        if self.hparams.compile and not getattr(self, "_net_compiled", False):  # once: fit's tests call setup again
+            try:  # in place (nn.Module.compile): state_dict keys and checkpoints stay the same
                 self.net.compile(backend=self.hparams.compile)  # compiles lazily: the first batches pay for it
+                self._net_compiled = True
             except Exception as error:  # an unknown backend name
                 raise UserError(f"compile={self.hparams.compile!r} failed ({str(error).splitlines()[0]}); use a "
                                 "torch.compile backend such as inductor, or null") from None

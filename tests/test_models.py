@@ -81,3 +81,10 @@ def test_compile_option_keeps_outputs_and_checkpoint_keys():
     torch.testing.assert_close(compiled(x), eager(x))
     with pytest.raises(UserError, match="compile='nonsense'"):
         CNN(channels=[8], num_classes=10, input_shape=(1, 28, 28), compile="nonsense").setup("fit")
+
+
+def test_compile_option_through_the_cli(tmp_path):
+    import cli
+    run = cli.main(["fit", "--config", "configs/quickstart.yaml", "--trainer.fast_dev_run", "true",
+                    "--model.init_args.compile", "eager", "--log_dir", str(tmp_path)])
+    assert run.model._net_compiled and run.trainer.state.finished
