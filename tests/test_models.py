@@ -55,3 +55,36 @@ def test_bad_hyperparameters_are_clear_errors():
         MLP(lr=0.0, num_classes=10)
     with pytest.raises(UserError, match="shrink"):
         CNN(channels=[8, 8, 8, 8], num_classes=10, input_shape=(1, 8, 8))
+
+
+def test_channels_last_cnn_gives_the_same_logits_and_gradients():
+    torch.manual_seed(0)
+    plain = CNN(channels=[8, 16, 32], head_hidden=[64], num_classes=10, input_shape=(1, 28, 28))
+    nhwc = CNN(channels=[8, 16, 32], head_hidden=[64], num_classes=10, input_shape=(1, 28, 28), channels_last=True)
+    nhwc.load_state_dict(plain.state_dict())  # copies into the NHWC parameters, keeping their layout
+    conv = nhwc.net.features[1].conv[0].weight  # (16, 8, 3, 3)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    x = torch.randn(4, 1, 28, 28)
+    plain(x).square().sum().backward(), nhwc(x).square().sum().backward()
+    torch.testing.assert_close(nhwc(x), plain(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(conv.grad, plain.net.features[1].conv[0].weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_option_keeps_outputs_and_checkpoint_keys():
+    torch.manual_seed(0)
+    eager = CNN(channels=[8, 16], num_classes=10, input_shape=(1, 28, 28))
+    compiled = CNN(channels=[8, 16], num_classes=10, input_shape=(1, 28, 28), compile="eager")  # dynamo, no codegen
+    compiled.load_state_dict(eager.state_dict())
+    compiled.setup("fit")
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints load either way
+    x = torch.randn(4, 1, 28, 28)
+    torch.testing.assert_close(compiled(x), eager(x))
+    with pytest.raises(UserError, match="compile='nonsense'"):
+        CNN(channels=[8], num_classes=10, input_shape=(1, 28, 28), compile="nonsense").setup("fit")
+
+
+def test_compile_option_through_the_cli(tmp_path):
+    import cli
+    run = cli.main(["fit", "--config", "configs/quickstart.yaml", "--trainer.fast_dev_run", "true",
+                    "--model.init_args.compile", "eager", "--log_dir", str(tmp_path)])
+    assert run.model._net_compiled and run.trainer.state.finished
