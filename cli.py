@@ -245,7 +245,7 @@ class ExperimentCLI(LightningCLI):
         datamodule = getattr(importlib.import_module(module), name)(**config.data.init_args.as_dict())  # no data read
         saved = (saved_class or wanted_class, hparams.get("num_classes"), tuple(hparams.get("input_shape") or ()))
         wanted = (wanted_class, datamodule.num_classes, tuple(datamodule.input_shape))
-        if saved[0] != wanted[0] or None not in saved[1:] and saved[1:] != wanted[1:]:
+        if saved[0] != wanted[0] or any(saved[i] and saved[i] != wanted[i] for i in (1, 2)):  # known fields only
             describe = lambda model, classes, shape: (f"a {model} for {classes} classes, input "
                                                       f"{'x'.join(map(str, shape)) or 'unknown'}")
             raise UserError(f"{path} holds {describe(*saved)} but the config builds {describe(*wanted)} "

@@ -35,9 +35,11 @@ class ResultsFile(pl.Callback):
         except OSError as error:  # full disk, quota, read-only: the earlier results.json (if any) stays
             with contextlib.suppress(OSError):
                 os.remove(tmp)
-            raise disk_error(error, "results.json", os.path.dirname(os.path.abspath(path)),
-                             "test a checkpoint again: python cli.py test --config <run>/config.yaml "
-                             "--ckpt_path <run>/checkpoints/last.ckpt") from error
+            run_dir = os.path.dirname(os.path.abspath(path))
+            last = os.path.join(run_dir, "checkpoints", "last.ckpt")  # a fit's; a test run has none of its own
+            then = (f"test it again: python cli.py test --config {run_dir}/config.yaml --ckpt_path {last}"
+                    if os.path.isfile(last) else "run the command again")
+            raise disk_error(error, "results.json", run_dir, then) from error
         return results
 
 

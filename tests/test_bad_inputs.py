@@ -134,7 +134,7 @@ def test_corrupt_checkpoint_and_one_of_another_model_class(untouched, tmp_path):
     cnn_checkpoint = os.path.join(untouched[1], "checkpoints", "last.ckpt")
     result = run_cli("test", "--config", "configs/digits_scratch_cnn.yaml", "--ckpt_path", cnn_checkpoint,
                      "--log_dir", str(untouched[0]))
-    assert_rejected(result, "holds a CNN but the config builds a ScratchCNN", untouched)
+    assert_rejected(result, "holds a CNN for 10 classes, input 1x8x8 but the config builds a ScratchCNN", untouched)
 
 
 def test_log_directory_that_cannot_be_written(untouched, tmp_path):
@@ -174,7 +174,7 @@ ENTRY_POINTS = {
                                    "--data.init_args.resize", "0"], "data.init_args.resize=0 is out of range"),
     "visual.figures, missing checkpoint": (["-m", "visual.figures", "--ckpt", "none.ckpt"], "checkpoint none.ckpt"),
     "datamodules.download, data_dir under a file": (["-m", "datamodules.download", "mnist", "--data_dir",
-                                                     "README.md/data"], "could not download mnist"),
+                                                     "README.md/data"], "mnist not found in"),
     "report.py, no runs": (["report.py", "configs", "--out", "/nonexistent/report.md"], "no results.json"),
 }
 
