@@ -165,8 +165,6 @@ class ExperimentCLI(LightningCLI):
                             "use --trainer.accelerator auto (or cpu)")
         self._check_precision(str(trainer_config.precision), trainer_config.accelerator, kwargs)
         check_section_numbers(config)  # the Lightning sections' numbers that Lightning lets through
-        if trainer_config.max_epochs is not None and trainer_config.max_epochs <= 0 and trainer_config.max_epochs != -1:
-            raise UserError(f"trainer.max_epochs must be positive, got {trainer_config.max_epochs}")
         if trainer_config.logger in (None, True):
             run_dir = claim_run_dir(config.log_dir, self.experiment_name, config.run_version)
             kwargs["logger"] = TensorBoardLogger(save_dir=config.log_dir, name=self.experiment_name,

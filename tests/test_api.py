@@ -72,7 +72,7 @@ def test_forced_smoke_overrides_switch_the_data(tmp_path):
 
 @pytest.mark.parametrize("configs, overrides, message", [
     (["configs/quickstart.yaml"], {"model.init_args.no_such_option": 1}, "no_such_option"),
-    (["configs/quickstart.yaml"], {"trainer.max_epochs": 0}, "trainer.max_epochs must be positive"),
+    (["configs/quickstart.yaml"], {"trainer.max_epochs": 0}, "trainer.max_epochs=0 is out of range"),
     (["configs/no_such_config.yaml"], {}, "no_such_config.yaml"),
     (["configs/fashion_mnist_cnn.yaml"], {"data.init_args.download": False}, "python -m datamodules.download"),
 ])
