@@ -5,8 +5,6 @@
     python cli.py test --config configs/cifar100_clip.yaml
     python cli.py fit --config configs/mnist_cnn.yaml --print_config
 """
-import datetime
-import functools
 import glob
 import importlib
 import importlib.util
@@ -34,6 +32,7 @@ from datamodules import ImageDataModule
 from errors import (CommandInterrupted, UserError, check_section_numbers, one_line_errors, one_line_parse_error,
                     user_error_in)
 from lightning_modules import ClassificationModule
+from run_dirs import claim_run_dir, created_run_dirs
 
 # --trainer.precision without a GPU (README "Precision"): automatic mixed precision is a GPU speed-up, so the
 # shipped GPU configs (bf16-mixed) fall back to 32-true there with a warning; the "-true" precisions (the model
@@ -41,68 +40,6 @@ from lightning_modules import ClassificationModule
 MIXED_PRECISIONS = {"16-mixed", "bf16-mixed", "16", "bf16"}
 CUDA_ONLY_PRECISIONS = {"transformer-engine", "transformer-engine-float16"}
 _subcommand = ["fit"]  # for the "see python cli.py fit --help" hint
-_created_run_dirs: list[str] = []  # removed again if the command fails before a checkpoint exists
-_TORCHRUN_KEY = f"cli/run_version/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # a restart: a new folder
-
-
-def run_version() -> str:
-    """SLURM job id (plus array task), so a requeued job continues in its folder; else a timestamp."""
-    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    if os.environ.get("SLURM_JOB_ID"):
-        return os.environ["SLURM_JOB_ID"]
-    if is_worker_process() and os.environ.get("RUN_VERSION"):
-        return os.environ["RUN_VERSION"]  # chosen by rank 0, which started this DDP worker
-    if is_worker_process() and torchrun_store() is not None:
-        return torchrun_store().get(_TORCHRUN_KEY).decode()  # waits until rank 0 has claimed its folder
-    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-def is_worker_process() -> bool:
-    return any(int(os.environ.get(key, "0")) > 0 for key in ("LOCAL_RANK", "NODE_RANK", "RANK"))
-
-
-@functools.cache
-def torchrun_store() -> Optional[torch.distributed.TCPStore]:
-    """The store torchrun's agent serves at MASTER_ADDR:MASTER_PORT (TORCHELASTIC_USE_AGENT_STORE), as a client:
-    the ranks torchrun starts share no environment, so rank 0 publishes its run folder's name here."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not os.environ.get("MASTER_ADDR"):
-        return None
-    return torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                      timeout=datetime.timedelta(minutes=10))
-
-
-def claim_run_dir(log_dir: str, experiment: str, fixed_version: Optional[str] = None) -> str:
-    """Creates logs/<experiment>/<version>; `mkdir` is atomic, so concurrent runs never share one.
-    A `fixed_version` (a sweep point's `run_version`) names the folder instead and re-uses it, as a requeue does."""
-    parent = os.path.join(log_dir, experiment)
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot create the log directory {parent} ({error.strerror}); "
-                        "choose a writable one with --log_dir") from None
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"the log directory {parent} is not writable; choose another with --log_dir")
-    version = fixed_version or run_version()
-    if fixed_version or os.environ.get("SLURM_JOB_ID") or is_worker_process():  # a requeued SLURM job or any DDP rank: same folder
-        try:  # all srun tasks start at once: whichever is first creates it, no "-2" for the others
-            os.mkdir(os.path.join(parent, version))
-            _created_run_dirs.append(os.path.join(parent, version))
-        except FileExistsError:
-            pass
-        return os.path.join(parent, version)
-    base, n = version, 1
-    while True:
-        try:
-            os.mkdir(os.path.join(parent, version))
-            _created_run_dirs.append(os.path.join(parent, version))
-            os.environ["RUN_VERSION"] = version  # DDP workers started by Lightning inherit it
-            if torchrun_store() is not None:
-                torchrun_store().set(_TORCHRUN_KEY, version)
-            return os.path.join(parent, version)
-        except FileExistsError:
-            n += 1
-            version = f"{base}-{n}"
 
 
 class OneLineErrorParser(LightningArgumentParser):
@@ -310,16 +247,16 @@ def run_cli(args=None, run: bool = True) -> ExperimentCLI:
                             save_config_kwargs={"overwrite": True}, args=args, run=run,
                             trainer_defaults={"use_distributed_sampler": False})
     except (SIGTERMException, StopNow) as stop:  # a signal: SIGTERMException = stopped and saved at a safe point
-        discard_run_dirs(_created_run_dirs, failed=True)
+        discard_run_dirs(created_run_dirs, failed=True)
         message, exit_code = interrupted_message(getattr(stop, "signum", None) or STOP.received)
         raise CommandInterrupted(message, exit_code) from None
     except BaseException as error:
         user_error = user_error_in(error) if isinstance(error, Exception) else None
-        discard_run_dirs(_created_run_dirs, failed=user_error is not None and not isinstance(user_error, TrainingDiverged))
+        discard_run_dirs(created_run_dirs, failed=user_error is not None and not isinstance(user_error, TrainingDiverged))
         raise
     finally:
         STOP.restore()
-    discard_run_dirs(_created_run_dirs, failed=False, smoke_test=run and getattr(cli, "trainer", None) is not None
+    discard_run_dirs(created_run_dirs, failed=False, smoke_test=run and getattr(cli, "trainer", None) is not None
                      and bool(cli.trainer.fast_dev_run))
     return cli
 
