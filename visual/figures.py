@@ -11,7 +11,6 @@ the run directory's TensorBoard event files.
 """
 import argparse
 import os
-import sys
 
 import lightning.pytorch as pl
 import torch
