@@ -32,7 +32,7 @@ from datamodules import ImageDataModule
 from errors import (CommandInterrupted, UserError, check_section_numbers, one_line_errors, one_line_parse_error,
                     user_error_in)
 from lightning_modules import ClassificationModule
-from run_dirs import claim_run_dir, created_run_dirs
+from run_dirs import claim_run_dir, created_run_dirs, forget_run_version
 
 # --trainer.precision without a GPU (README "Precision"): automatic mixed precision is a GPU speed-up, so the
 # shipped GPU configs (bf16-mixed) fall back to 32-true there with a warning; the "-true" precisions (the model
@@ -256,6 +256,7 @@ def run_cli(args=None, run: bool = True) -> ExperimentCLI:
         raise
     finally:
         STOP.restore()
+        forget_run_version()
     discard_run_dirs(created_run_dirs, failed=False, smoke_test=run and getattr(cli, "trainer", None) is not None
                      and bool(cli.trainer.fast_dev_run))
     return cli

@@ -71,3 +71,10 @@ def claim_run_dir(log_dir: str, experiment: str, fixed_version: Optional[str] = 
         except FileExistsError:
             n += 1
             version = f"{base}-{n}"
+
+
+def forget_run_version() -> None:
+    """After a command in this process: a later process started from it (a notebook's next `!torchrun`, a test's
+    subprocess) must not take this run's folder for its rank 0's."""
+    if not is_worker_process():
+        os.environ.pop("RUN_VERSION", None)

@@ -65,12 +65,13 @@ def test_ctrl_c_while_testing_keeps_the_checkpoints_and_names_them(tmp_path):
     assert not os.path.exists(folder / "results.json")
 
 
-def test_handlers_are_restored_to_whatever_they_were(tmp_path):
+def test_handlers_and_environment_are_restored_to_whatever_they_were(tmp_path):
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job
     try:
         cli.run_cli(["fit", *QUICK, "--trainer.max_epochs", "1", "--log_dir", str(tmp_path)])
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL and not STOP.installed
+        assert "RUN_VERSION" not in os.environ  # a process started later (torchrun) must not take this run's folder
     finally:
         signal.signal(signal.SIGINT, previous)
 

@@ -143,13 +143,14 @@ def test_interrupted_sweep_resumes_to_the_results_of_an_uninterrupted_one(tmp_pa
 
 @pytest.mark.slow
 def test_failed_point_is_named_and_the_others_still_run(tmp_path):
-    path = write_sweep(tmp_path, grid={"model.init_args.lr": [-1.0, 0.01]},  # lr <= 0 passes the parser, fails the run
+    # a budget of 10 parameters passes the parser (it is a valid number) and fails when the model is built
+    path = write_sweep(tmp_path, grid={"model.init_args.max_params": [10, 10_000_000]},
                        args=[*TINY, "--trainer.max_epochs", "1", "--log_dir", str(tmp_path / "logs")])
     result = run_sweep(path)
     assert result.returncode == 1
-    assert (tmp_path / "logs" / "quickstart-lr=0.01" / "tiny-seed0" / "results.json").is_file()
+    assert (tmp_path / "logs" / "quickstart-max_params=10000000" / "tiny-seed0" / "results.json").is_file()
     failed = [line for line in result.stderr.splitlines() if line.startswith("failed: ")]
-    assert len(failed) == 1 and "quickstart-lr=-1.0" in failed[0] and "learning rate must be positive" in failed[0]
+    assert len(failed) == 1 and "quickstart-max_params=10" in failed[0] and "over the budget" in failed[0]
 
 
 def write_results(run_dir: Path, acc: float, seed: int, variant: str) -> None:
