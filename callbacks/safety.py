@@ -159,8 +159,13 @@ class StopSignals:
             return
         if signum == signal.SIGUSR1:
             return  # no meaning off SLURM
-        if self.phase != "training" or self.received is not None:
-            raise StopNow(signum)  # nothing half-done to protect (or the second Ctrl-C): stop now
+        if self.received is not None:  # a second one: Ctrl-C again stops at once, in a single process only (a DDP
+            # rank that left alone would hang the others; Lightning's launcher also re-sends SIGTERM to its ranks)
+            if signum == signal.SIGINT and self.trainer is not None and self.trainer.world_size == 1:
+                raise StopNow(signum)
+            return
+        if self.phase != "training":
+            raise StopNow(signum)  # nothing half-done to protect: stop now
         self.received = signum
         self._stop_after_this_batch()
         _say(f"received {name}: stopping after the current batch (again to stop at once)")
