@@ -13,7 +13,7 @@ records it; what happens next depends on where the command is and whether it run
 
 Stopping "after the current batch" uses Lightning's own SIGTERM path (the trainer's `received_sigterm` flag,
 checked where the loop's progress is complete), so a checkpoint taken there resumes without losing or
-repeating a step. A second Ctrl-C off SLURM stops at once.
+repeating a step. A second Ctrl-C off SLURM stops a single process at once.
 """
 import os
 import shutil
@@ -168,7 +168,8 @@ class StopSignals:
             raise StopNow(signum)  # nothing half-done to protect: stop now
         self.received = signum
         self._stop_after_this_batch()
-        _say(f"received {name}: stopping after the current batch (again to stop at once)")
+        again = " (Ctrl-C again to stop at once)" if self.trainer is not None and self.trainer.world_size == 1 else ""
+        _say(f"received {name}: stopping after the current batch{again}")
 
 
 def _say(line: str) -> None:
