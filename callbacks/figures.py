@@ -92,11 +92,22 @@ class Figures(pl.Callback):
             return
         tag = next((cb.tag for cb in trainer.callbacks if isinstance(cb, ResultsFile)), "final")
         if tag == "last" and self._full_set_written:  # the best checkpoint's figures are already there
-            self._write_from(trainer, pl_module, names=("confusion_matrix",), suffix="_last", confusion=confusion,
-                             checkpoint=tag)
+            self.write_last_confusion(trainer, pl_module, confusion=confusion)
         else:
             self._write_from(trainer, pl_module, confusion=confusion, checkpoint=tag)
             self._full_set_written = True
+
+    def write_last_confusion(self, trainer: pl.Trainer, pl_module, confusion: Optional[torch.Tensor] = None,
+                             same_as_best: bool = False) -> None:
+        """confusion_matrix_last.png: from the last checkpoint's test, or (cli.py, when last.ckpt holds the
+        best's step and is not tested again) from the best's, still cached in the model's test_confusion."""
+        if not self._active(trainer) or not trainer.is_global_zero:
+            return
+        if confusion is None:
+            metric = getattr(pl_module, "test_confusion", None)
+            confusion = metric.compute().cpu() if metric is not None and metric.update_called else None
+        self._write_from(trainer, pl_module, names=("confusion_matrix",), suffix="_last", confusion=confusion,
+                         checkpoint="last (= best)" if same_as_best else "last")
 
     # ---- the figures ----
     def write(self, model, datamodule, out_dir: str, title: str, confusion: Optional[torch.Tensor] = None,

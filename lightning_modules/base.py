@@ -52,7 +52,8 @@ class ClassificationModule(pl.LightningModule):
         gamma: Fraction = 0.1,  # decay factor ("step"), in (0, 1]
         label_smoothing: Probability = 0.0,
         max_params: Optional[PositiveInt] = None,  # parameter budget, e.g. 5_000_000 for the CIFAR-100 assignment
-        compile: Optional[str] = None,  # a torch.compile backend for self.net, e.g. inductor (GPUs); None: eager
+        compile: Optional[str] = None,  # torch.compile backend for self.net (inductor, ...); auto: inductor on a GPU
+        # and eager on a CPU, where compiling cost more than it saved (benchmarks/notebook_parity.py --compile); None: eager
     ):
         super().__init__()
         if num_classes is None:
@@ -91,9 +92,16 @@ class ClassificationModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.check_parameter_budget()
-        if self.hparams.compile and not getattr(self, "_net_compiled", False):  # once: fit's tests call setup again
+        device_type = self._trainer.strategy.root_device.type if self._trainer is not None else self.device.type
+        backend = compile_backend(self.hparams.compile, device_type)
+        if backend is None and self.hparams.compile == "auto" and not getattr(self, "_auto_noted", False):
+            self._auto_noted = True
+            if self._trainer is None or self._trainer.is_global_zero:  # self.print drops it before a bar exists
+                print(f"compile=auto: eager on {device_type} (compiling cost more than it saved on a CPU; on a GPU "
+                      "auto compiles with inductor)")
+        if backend and not getattr(self, "_net_compiled", False):  # once: fit's tests call setup again
             try:  # in place (nn.Module.compile): state_dict keys and checkpoints stay the same
-                self.net.compile(backend=self.hparams.compile)  # compiles lazily: the first batches pay for it
+                self.net.compile(backend=backend)  # compiles lazily: the first batches pay for it
                 self._net_compiled = True
             except Exception as error:  # an unknown backend name
                 raise UserError(f"compile={self.hparams.compile!r} failed ({str(error).splitlines()[0]}); use a "
@@ -229,6 +237,13 @@ class ClassificationModule(pl.LightningModule):
             warmup = int(hp.warmup_epochs * total / max(1, self.trainer.max_epochs or 1))
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_with_warmup(step, warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def compile_backend(option: Optional[str], device_type: str) -> Optional[str]:
+    """The torch.compile backend for the model's `compile` option on a device type; None: eager."""
+    if option == "auto":
+        return "inductor" if device_type == "cuda" else None
+    return option or None
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int) -> float:

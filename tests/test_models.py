@@ -88,3 +88,14 @@ def test_compile_option_through_the_cli(tmp_path):
     run = cli.main(["fit", "--config", "configs/quickstart.yaml", "--trainer.fast_dev_run", "true",
                     "--model.init_args.compile", "eager", "--log_dir", str(tmp_path)])
     assert run.model._net_compiled and run.trainer.state.finished
+
+
+def test_compile_auto_is_inductor_on_a_gpu_and_eager_on_a_cpu(tmp_path, capsys):
+    from lightning_modules.base import compile_backend
+    assert compile_backend("auto", "cuda") == "inductor" and compile_backend("auto", "cpu") is None
+    assert compile_backend("eager", "cpu") == "eager" and compile_backend(None, "cuda") is None
+    import cli
+    run = cli.main(["fit", "--config", "configs/quickstart.yaml", "--trainer.fast_dev_run", "true",
+                    "--model.init_args.compile", "auto", "--log_dir", str(tmp_path)])
+    assert not getattr(run.model, "_net_compiled", False) and run.trainer.state.finished  # eager on this CPU
+    assert "compile=auto: eager on cpu" in capsys.readouterr().out
