@@ -52,8 +52,9 @@ class ClassificationModule(pl.LightningModule):
         gamma: Fraction = 0.1,  # decay factor ("step"), in (0, 1]
         label_smoothing: Probability = 0.0,
         max_params: Optional[PositiveInt] = None,  # parameter budget, e.g. 5_000_000 for the CIFAR-100 assignment
-        compile: Optional[str] = None,  # torch.compile backend for self.net (inductor, ...); auto: inductor on a GPU
-        # and eager on a CPU, where compiling cost more than it saved (benchmarks/notebook_parity.py --compile); None: eager
+        # a torch.compile backend for self.net (inductor, ...); auto: inductor on a GPU and eager on a CPU, where
+        # compiling cost more than it saved (benchmarks/notebook_parity.py --compile); None: eager
+        compile: Optional[str] = None,
     ):
         super().__init__()
         if num_classes is None:
@@ -125,11 +126,13 @@ class ClassificationModule(pl.LightningModule):
         return loss
 
     def log_training_step(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """Per step: the loss (progress bar, TensorBoard every log_every_n_steps) and an accuracy update only.
+        """Per step: the loss (TensorBoard every log_every_n_steps, the bar when it redraws) and an accuracy update.
         Train accuracy is computed once per epoch in on_train_epoch_end: handing the Metric to `self.log` every
         step costs Lightning a walk over the metric's state per call (measured in benchmarks/training_loop.py)."""
         self.train_metrics.update(logits.detach(), labels)
-        self.log("train/loss", loss, prog_bar=True)
+        # not prog_bar=True: Lightning would then call .item() on it after every batch (a GPU sync per step);
+        # cli.py's bar (callbacks/progress.py) reads it from callback_metrics when it redraws
+        self.log("train/loss", loss)
 
     def on_train_epoch_end(self) -> None:
         # runs before the monitoring callbacks (checkpoint, early stopping) read the epoch's metrics
@@ -229,7 +232,8 @@ class ClassificationModule(pl.LightningModule):
         from lightning.pytorch.plugins.precision import MixedPrecision
 
         trainer = self._trainer
-        return trainer is None or not (trainer.gradient_clip_val and isinstance(trainer.precision_plugin, MixedPrecision))
+        mixed = trainer is not None and isinstance(trainer.precision_plugin, MixedPrecision)
+        return not (mixed and trainer.gradient_clip_val)
 
     def with_schedule(self, optimizer: torch.optim.Optimizer):
         """The optimizer plus the configured LR schedule, in Lightning's configure_optimizers format."""

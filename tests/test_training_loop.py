@@ -72,3 +72,14 @@ def test_fast_log_path_skips_only_what_is_already_in_place():
     metric.value = torch.tensor(1.0)  # a state put back on the CPU behind its back: the fast path notices
     metric.to(meta)
     assert metric.value.device == meta
+
+
+def test_train_loss_reaches_the_bar_without_a_per_step_conversion(tmp_path):
+    # prog_bar=True would make Lightning call .item() on the loss after every batch (a GPU sync per step)
+    from callbacks.progress import LossProgressBar
+    _, _, trainer, record = fit(tmp_path, epochs=1)
+    assert all("train/loss" not in step["bar"] for step in record.steps if step != "epoch end")
+    assert "train/loss" in record.steps[-2]["callback"]
+    bar = LossProgressBar()
+    metrics = bar.get_metrics(trainer, trainer.lightning_module)
+    assert metrics["train/loss"] == pytest.approx(float(trainer.callback_metrics["train/loss"]))
