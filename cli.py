@@ -224,6 +224,8 @@ class ExperimentCLI(LightningCLI):
                 print(f"Testing the {tag} checkpoint: {path}")
                 trainer.test(self.model, datamodule=self.datamodule, ckpt_path=path)
                 tested = True
+        if same:  # testing restored the callback's state saved in the best checkpoint, which has no last.ckpt yet
+            callback.best_model_path, callback.last_model_path = best, last
         if same and "best" in self.results.test:  # the best epoch was the last: one test pass scores both
             print(f"The last checkpoint ({last}) holds the same step as the best: its test results are the best's")
             self.results.test["last"] = dict(self.results.test["best"])

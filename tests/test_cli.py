@@ -109,4 +109,6 @@ def test_one_test_pass_when_last_ckpt_holds_the_best_step(tmp_path, capsys):
     assert "holds the same step as the best" in out
     results = json.load(open(os.path.join(run.trainer.log_dir, "results.json")))
     assert results["test"]["last"] == results["test"]["best"]
+    assert results["checkpoints"]["last"] == run.trainer.checkpoint_callback.last_model_path
+    assert results["checkpoints"]["last"].endswith("last.ckpt") and results["checkpoints"]["best"] != ""
     assert os.path.isfile(os.path.join(run.trainer.log_dir, "confusion_matrix_last.png"))
