@@ -16,7 +16,4 @@ class LossProgressBar(TQDMProgressBar):
     def get_metrics(self, trainer, pl_module) -> dict:
         items = super().get_metrics(trainer, pl_module)
         loss = trainer.callback_metrics.get("train/loss")
-        if loss is not None and "train/loss" not in items:
-            items = {"train/loss": float(loss), **{k: v for k, v in items.items() if k != "v_num"},
-                     **({"v_num": items["v_num"]} if "v_num" in items else {})}
-        return items
+        return {"train/loss": float(loss), **items} if loss is not None else items
