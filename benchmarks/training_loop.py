@@ -49,7 +49,8 @@ class SyntheticMNIST(SyntheticData, MNISTDataModule):
 NOTEBOOK_CNN = ["--model.init_args.channels", "[12, 24, 48]", "--model.init_args.head_hidden", "[64]",
                 "--model.init_args.head_dropout", "0.0", "--model.init_args.lr", "0.001",
                 "--model.init_args.weight_decay", "0.1", "--model.init_args.scheduler", "none",
-                "--model.init_args.channels_last", "false", "--data.init_args.batch_size", "64"]
+                "--model.init_args.channels_last", "false", "--model.init_args.label_smoothing", "0.0",
+                "--data.init_args.batch_size", "64"]
 
 
 def case_arguments(case: str, samples: int) -> tuple[list[str], str]:

@@ -11,9 +11,10 @@ from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusion
                                          MulticlassPrecision, MulticlassRecall)
 
 from errors import BelowOne, Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, Probability, UserError
-from lightning_modules import fast_log
+from lightning_modules import fast_hooks, fast_log
 
 fast_log.install()  # self.log without Lightning's per-call walk over the stored metric (see fast_log.py)
+fast_hooks.install()  # hook dispatch without profiling contexts nobody reads, nor calls to empty hooks
 
 
 def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:

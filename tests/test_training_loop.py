@@ -1,4 +1,4 @@
-"""What the training step logs, and that the fast path for `self.log` leaves every logged value unchanged."""
+"""What the training step logs; the fast paths for `self.log` and hook dispatch leave every logged value and hook unchanged."""
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -83,3 +83,82 @@ def test_train_loss_reaches_the_bar_without_a_per_step_conversion(tmp_path):
     bar = LossProgressBar()
     metrics = bar.get_metrics(trainer, trainer.lightning_module)
     assert metrics["train/loss"] == pytest.approx(float(trainer.callback_metrics["train/loss"]))
+
+
+def _recorded_fit(tmp_path, *extra):
+    """A fit through cli.py with every default callback, recording each hook with the module's current fx name."""
+    import cli
+    from lightning.pytorch.callbacks import Callback
+
+    calls = []
+
+    class Everything(Callback):
+        pass
+
+    for name in dir(Callback):
+        if name.startswith("on_") or name in ("setup", "teardown"):
+            setattr(Everything, name, lambda self, trainer, module, *args, _name=name, **kwargs: calls.append(
+                ("callback", _name, module._current_fx_name)))
+    run = cli.main(["--config", "configs/quickstart.yaml", "--trainer.max_epochs", "2", "--log_dir",
+                    str(tmp_path), "--trainer.enable_progress_bar", "false", *extra], run=False)
+    model = run.model
+    for name in dir(pl.LightningModule):
+        if name.startswith("on_") and "batch_transfer" not in name:  # those pick the datamodule's hook when not overridden
+            def hook(*args, _name=name, _bound=getattr(model, name), **kwargs):
+                calls.append(("module", _name, model._current_fx_name))
+                return _bound(*args, **kwargs)
+            model.__dict__[name] = hook  # an instance attribute: found by getattr, never an empty hook
+    run.trainer.callbacks.append(Everything())
+    run.trainer.fit(model, datamodule=run.datamodule)
+    return model, run.trainer, calls
+
+
+def test_fast_hook_dispatch_calls_the_same_hooks_in_the_same_order(tmp_path, monkeypatch):
+    from lightning.pytorch.trainer import call
+    from lightning_modules import fast_hooks
+
+    fast_model, fast_trainer, fast_calls = _recorded_fit(tmp_path / "fast")
+    assert fast_hooks._fast(fast_trainer)  # the default profiler: the fast path was taken
+    for name in fast_hooks.NAMES:
+        assert getattr(call, name)._fast_path
+        monkeypatch.setattr(call, name, getattr(call, name).__wrapped__)  # Lightning's own dispatch
+    slow_model, slow_trainer, slow_calls = _recorded_fit(tmp_path / "slow")
+    assert fast_calls == slow_calls and len(fast_calls) > 100
+    assert ("callback", "on_train_batch_end", "on_train_batch_end") in fast_calls
+    assert ("module", "on_before_backward", "on_before_backward") in fast_calls
+    for key, value in fast_model.state_dict().items():
+        assert torch.equal(value, slow_model.state_dict()[key]), key
+    assert fast_trainer.callback_metrics.keys() == slow_trainer.callback_metrics.keys()
+    for key, value in fast_trainer.callback_metrics.items():
+        if not key.startswith("efficiency/"):  # timings
+            assert torch.equal(value, slow_trainer.callback_metrics[key]), key
+    assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= fast_trainer.callback_metrics.keys()
+
+
+def test_a_profiler_still_sees_every_callback_hook(tmp_path):
+    _, trainer, _ = _recorded_fit(tmp_path, "--trainer.profiler", "simple")
+    recorded = trainer.profiler.recorded_durations
+    for callback in trainer.callbacks:  # Lightning profiles every callback's hook, empty or not
+        assert f"[Callback]{callback.state_key}.on_train_batch_end" in recorded, callback
+    assert any(key.startswith("[LightningModule]") for key in recorded)
+    assert any(key.startswith("[Strategy]") for key in recorded)
+
+
+def test_empty_hooks_are_recognised_on_their_bytecode():
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+    from lightning_modules import fast_hooks
+
+    def documented():
+        """Only a docstring."""
+
+    def returns_zero():
+        return 0
+
+    def generator():
+        yield
+
+    assert fast_hooks._is_empty(Callback.on_train_batch_end) and fast_hooks._is_empty(documented)
+    assert fast_hooks._is_empty(pl.LightningModule.on_before_backward)
+    assert not fast_hooks._is_empty(ModelCheckpoint.on_train_batch_end)
+    assert not fast_hooks._is_empty(pl.LightningModule.on_after_batch_transfer)
+    assert not any(fast_hooks._is_empty(f) for f in (returns_zero, generator, None, print))

@@ -1,0 +1,118 @@
+"""A fast path for Lightning 2.6's hook dispatch (`lightning.pytorch.trainer.call`) when nothing profiles.
+
+Every hook of every callback, of the LightningModule and of the strategy goes through three functions of
+`lightning.pytorch.trainer.call`. Each call formats a `log.debug` message and, per callback, enters
+`trainer.profiler.profile(f"[Callback]{callback.state_key}.{hook}")`, even with the default
+`PassThroughProfiler`, whose start/stop do nothing; `ModelCheckpoint.state_key` alone repr()s a dict of its
+settings. With ~10 callbacks and ~10 hooks per training step that is thousands of calls per epoch, most of
+them to hooks a callback never overrides (the base `Callback`'s empty methods).
+
+The fast path does exactly what Lightning does, minus the profiling context and the debug message, and skips
+hooks whose function is empty (only a docstring or `pass`, checked on the bytecode); it is taken only while
+the trainer's profiler is a plain `PassThroughProfiler` and Lightning's debug logging is off, so a `--trainer.
+profiler simple` run still records every hook. The loops call these functions as `call.<name>` and call.py
+calls them through its module globals, so replacing the module attributes covers every caller. `install()` is
+idempotent and leaves Lightning alone when a function is missing. tests/test_training_loop.py checks the hook
+order and every logged value against Lightning's own functions.
+"""
+import dis
+import logging
+
+import torch
+
+try:
+    from lightning.pytorch.profilers import PassThroughProfiler
+    from lightning.pytorch.trainer import call
+    from lightning.pytorch.callbacks import Checkpoint, EarlyStopping
+except ImportError:  # a Lightning that moved them: keep its own behaviour
+    call = None
+
+NAMES = ("_call_callback_hooks", "_call_lightning_module_hook", "_call_strategy_hook")
+_EMPTY: dict = {}  # function -> whether its body does nothing
+
+
+def _is_empty(function) -> bool:
+    """A function that only returns None (a docstring and `pass` at most): calling it changes nothing."""
+    empty = _EMPTY.get(function)
+    if empty is None:
+        code = getattr(function, "__code__", None)
+        empty = code is not None and not code.co_flags & 0x20 and all(  # 0x20: a generator is not empty
+            ins.opname in ("RESUME", "NOP", "RETURN_VALUE")
+            or (ins.opname in ("LOAD_CONST", "RETURN_CONST") and ins.argval is None)
+            for ins in dis.get_instructions(code))
+        _EMPTY[function] = empty
+    return empty
+
+
+def _fast(trainer) -> bool:
+    return type(trainer.profiler) is PassThroughProfiler and not call.log.isEnabledFor(logging.DEBUG)
+
+
+def _set_fx(pl_module, name) -> None:
+    # nn.Module.__setattr__ checks parameters, buffers and submodules before storing a plain string
+    if type(pl_module).__setattr__ is torch.nn.Module.__setattr__:
+        object.__setattr__(pl_module, "_current_fx_name", name)
+    else:
+        pl_module._current_fx_name = name
+
+
+def install() -> None:
+    if call is None or not all(callable(getattr(call, name, None)) for name in NAMES):
+        return
+    if getattr(call._call_callback_hooks, "_fast_path", False):
+        return
+    callback_hooks, module_hook, strategy_hook = (getattr(call, name) for name in NAMES)
+
+    def _call_callback_hooks(trainer, hook_name, *args, monitoring_callbacks=None, **kwargs):
+        if not _fast(trainer):
+            return callback_hooks(trainer, hook_name, *args, monitoring_callbacks=monitoring_callbacks, **kwargs)
+        pl_module = trainer.lightning_module
+        if pl_module:
+            prev_fx_name = pl_module._current_fx_name
+            _set_fx(pl_module, hook_name)
+        callbacks = trainer.callbacks
+        if monitoring_callbacks is True:
+            callbacks = [cb for cb in callbacks if isinstance(cb, (EarlyStopping, Checkpoint))]
+        elif monitoring_callbacks is False:
+            callbacks = [cb for cb in callbacks if not isinstance(cb, (EarlyStopping, Checkpoint))]
+        for callback in callbacks:
+            fn = getattr(callback, hook_name)
+            if callable(fn) and not _is_empty(getattr(fn, "__func__", None)):
+                fn(trainer, trainer.lightning_module, *args, **kwargs)
+        if pl_module:
+            _set_fx(pl_module, prev_fx_name)
+
+    def _call_lightning_module_hook(trainer, hook_name, *args, pl_module=None, **kwargs):
+        if not _fast(trainer):
+            return module_hook(trainer, hook_name, *args, pl_module=pl_module, **kwargs)
+        pl_module = pl_module or trainer.lightning_module
+        if pl_module is None:
+            raise TypeError("No `LightningModule` is available to call hooks on.")
+        fn = getattr(pl_module, hook_name)
+        if not callable(fn) or _is_empty(getattr(fn, "__func__", None)):
+            return None
+        prev_fx_name = pl_module._current_fx_name
+        _set_fx(pl_module, hook_name)
+        output = fn(*args, **kwargs)
+        _set_fx(pl_module, prev_fx_name)  # restore current_fx when nested context
+        return output
+
+    def _call_strategy_hook(trainer, hook_name, *args, **kwargs):
+        if not _fast(trainer):
+            return strategy_hook(trainer, hook_name, *args, **kwargs)
+        pl_module = trainer.lightning_module
+        prev_fx_name = pl_module._current_fx_name
+        _set_fx(pl_module, hook_name)
+        fn = getattr(trainer.strategy, hook_name)
+        if not callable(fn):
+            return None
+        output = fn(*args, **kwargs)
+        _set_fx(pl_module, prev_fx_name)
+        return output
+
+    for name, original, fast in zip(NAMES, (callback_hooks, module_hook, strategy_hook),
+                                    (_call_callback_hooks, _call_lightning_module_hook, _call_strategy_hook)):
+        fast._fast_path = True
+        fast.__wrapped__ = original
+        fast.__doc__ = original.__doc__
+        setattr(call, name, fast)
