@@ -3,6 +3,7 @@
     python -m benchmarks.training_loop                     # CIFAR case; appends to benchmarks/RESULTS.md
     python -m benchmarks.training_loop --case notebook-mnist --repeats 7
     python -m benchmarks.training_loop --samples 10000 --repeats 1 --no-record
+    python -m benchmarks.training_loop --case notebook-mnist --repeats 15 --control   # + the plain loop twice
 
 Cases:
 - cifar: one epoch of configs/cifar10_cnn.yaml (the 12/24/48 ConvNet) at batch 128 on synthetic CIFAR-shaped data.
@@ -15,7 +16,8 @@ on every side; ours builds torch's fused AdamW kernel (lightning_modules/base.py
 `optim.AdamW(...)` with torch's defaults (a per-tensor loop on a CPU).
 Ours is `cli.py fit` with the default callbacks (checkpointing, early stopping, efficiency, results, non-finite
 guard, progress bar) and TensorBoard logging on; validation is off in both so only the training epochs are timed.
-The baseline is the course notebook's loop: zero_grad / forward / loss / backward / step.
+The baseline is the course notebook's loop: zero_grad / forward / loss / backward / step. `--control` runs that
+plain loop a second time in each round: the ratio of two identical loops is the benchmark's resolution on the machine.
 """
 import argparse
 import copy
@@ -129,13 +131,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--control", action="store_true", help="also the plain loop again: the noise of a ratio")
     args = parser.parse_args()
     notebook = args.case == "notebook-mnist"
     args.samples = args.samples or (7_200 if notebook else 45_000)  # a CIFAR-10 training split after a 5k val split
     args.epochs = args.epochs or (3 if notebook else 1)  # notebook: 90% of the npm digits' 8,000 training split
     arguments, label = case_arguments(args.case, args.samples)
     device = torch.device(args.device)
-    times = {side: [] for side in SIDES}  # side -> seconds per timed repeat
+    sides = SIDES + ("control",) if args.control else SIDES
+    times = {side: [] for side in sides}  # side -> seconds per timed repeat
     with tempfile.TemporaryDirectory() as log_dir:
         for repeat in range(args.repeats + 1):  # the first round warms up caches and kernels, not timed
             # one build per round: every side trains the very same model and data tensors from the same initial
@@ -144,12 +148,12 @@ def main() -> None:
             run = build(arguments, log_dir, device.type, args.epochs)
             run.datamodule.setup("fit")  # making the synthetic data is not training: untimed on every side
             initial = copy.deepcopy(run.model.state_dict())
-            for side in (SIDES if repeat % 2 else SIDES[::-1]):  # alternate who goes first
+            for side in (sides if repeat % 2 else sides[::-1]):  # alternate who goes first
                 run.model.load_state_dict(initial)  # in place: the same parameter storage on every side
                 sync(device)
                 reset_cuda_peak(device)
                 start = time.perf_counter()
-                if side == "plain":
+                if side in ("plain", "control"):
                     plain_loop(run, device, args.epochs)
                 elif side == "floor":
                     lightning_floor(run, device, args.epochs)
@@ -160,7 +164,10 @@ def main() -> None:
                     times[side].append(time.perf_counter() - start)
                 if side == "fit":
                     peak = cuda_peak(device)
-    ratio = {side: [t / p for t, p in zip(times[side], times["plain"])] for side in ("fit", "floor")}
+    ratio = {side: [t / p for t, p in zip(times[side], times["plain"])] for side in sides if side != "plain"}
+    control = (f" Control: the same plain loop run again in each round, ratio {median(ratio['control']):.2f} (per "
+               f"round {', '.join(f'{r:.3f}' for r in ratio['control'])}; 1.00 is no noise), the resolution of these "
+               "ratios on this machine." if args.control else "")
     seconds = {side: median(values) for side, values in times.items()}
     samples = len(run.datamodule.splits["train"])
     images = samples * args.epochs
@@ -175,7 +182,7 @@ def main() -> None:
            f"floor: {', '.join(f'{r:.3f}' for r in ratio['floor'])}), so a drift in machine speed between rounds "
            "cancels. Lightning floor: a bare pl.Trainer (no callbacks, logger, progress bar, summary or checkpoints) "
            "fitting the same model with a two-line training_step, i.e. the cost of Lightning's own loop. Target: "
-           "time ratio <= " + ("1.05." if notebook else "1.10."), record=not args.no_record)
+           "time ratio <= " + ("1.05." if notebook else "1.10.") + control, record=not args.no_record)
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,10 @@ Every hook of every callback, of the LightningModule and of the strategy goes th
 `trainer.profiler.profile(f"[Callback]{callback.state_key}.{hook}")`, even with the default
 `PassThroughProfiler`, whose start/stop do nothing; `ModelCheckpoint.state_key` alone repr()s a dict of its
 settings. With ~10 callbacks and ~10 hooks per training step that is thousands of calls per epoch, most of
-them to hooks a callback never overrides (the base `Callback`'s empty methods).
+them to hooks a callback never overrides (the base `Callback`'s empty methods). And twice per training step
+(`LightningModule.log`, the loop's `_build_kwargs`) Lightning runs `inspect.getfullargspec` on `training_step`
+through `is_param_in_hook_signature` (~50 us each here): its answer depends only on the function, so it is cached
+per function (weakly: a model's class can go away).
 
 The fast path does exactly what Lightning does, minus the profiling context and the debug message, and skips
 hooks whose function is empty (only a docstring or `pass`, checked on the bytecode); it is taken only while
@@ -17,6 +20,9 @@ order and every logged value against Lightning's own functions.
 """
 import dis
 import logging
+import sys
+import types
+import weakref
 
 import torch
 
@@ -24,8 +30,9 @@ try:
     from lightning.pytorch.profilers import PassThroughProfiler
     from lightning.pytorch.trainer import call
     from lightning.pytorch.callbacks import Checkpoint, EarlyStopping
+    from lightning.pytorch.utilities import signature_utils
 except ImportError:  # a Lightning that moved them: keep its own behaviour
-    call = None
+    call = signature_utils = None
 
 NAMES = ("_call_callback_hooks", "_call_lightning_module_hook", "_call_strategy_hook")
 _EMPTY: dict = {}  # function -> whether its body does nothing
@@ -56,7 +63,33 @@ def _set_fx(pl_module, name) -> None:
         pl_module._current_fx_name = name
 
 
+def _install_signature_cache() -> None:
+    original = getattr(signature_utils, "is_param_in_hook_signature", None)
+    if original is None or getattr(original, "_fast_path", False):
+        return
+    answers = weakref.WeakKeyDictionary()  # function -> {(bound, param, explicit, min_args): answer}
+
+    def is_param_in_hook_signature(hook_fx, param, explicit=False, min_args=None):
+        if type(hook_fx) not in (types.FunctionType, types.MethodType):  # a partial, a callable object: uncached
+            return original(hook_fx, param, explicit, min_args)
+        function = getattr(hook_fx, "__func__", hook_fx)
+        key = (function is not hook_fx, param, explicit, min_args)
+        known = answers.setdefault(function, {})
+        if key not in known:
+            known[key] = original(hook_fx, param, explicit, min_args)
+        return known[key]
+
+    is_param_in_hook_signature._fast_path = True
+    is_param_in_hook_signature.__wrapped__ = original
+    is_param_in_hook_signature.__doc__ = original.__doc__
+    for name, module in list(sys.modules.items()):  # every Lightning module imported it by name
+        if name.startswith("lightning.pytorch") and getattr(module, "is_param_in_hook_signature", None) is original:
+            module.is_param_in_hook_signature = is_param_in_hook_signature
+
+
 def install() -> None:
+    if signature_utils is not None:
+        _install_signature_cache()
     if call is None or not all(callable(getattr(call, name, None)) for name in NAMES):
         return
     if getattr(call._call_callback_hooks, "_fast_path", False):

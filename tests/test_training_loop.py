@@ -1,4 +1,4 @@
-"""What the training step logs; the fast paths for `self.log` and hook dispatch leave every logged value and hook unchanged."""
+"""What the training step logs; the fast paths for `self.log` and for hook dispatch change no logged value or hook."""
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -103,7 +103,8 @@ def _recorded_fit(tmp_path, *extra):
                     str(tmp_path), "--trainer.enable_progress_bar", "false", *extra], run=False)
     model = run.model
     for name in dir(pl.LightningModule):
-        if name.startswith("on_") and "batch_transfer" not in name:  # those pick the datamodule's hook when not overridden
+        # the batch-transfer hooks are left alone: Lightning takes the datamodule's unless the model overrides them
+        if name.startswith("on_") and "batch_transfer" not in name:
             def hook(*args, _name=name, _bound=getattr(model, name), **kwargs):
                 calls.append(("module", _name, model._current_fx_name))
                 return _bound(*args, **kwargs)
@@ -162,3 +163,44 @@ def test_empty_hooks_are_recognised_on_their_bytecode():
     assert not fast_hooks._is_empty(ModelCheckpoint.on_train_batch_end)
     assert not fast_hooks._is_empty(pl.LightningModule.on_after_batch_transfer)
     assert not any(fast_hooks._is_empty(f) for f in (returns_zero, generator, None, print))
+
+
+def test_top_one_accuracy_is_torchmetrics_micro_accuracy():
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from lightning_modules.base import TopOneAccuracy
+
+    ours, reference = TopOneAccuracy(), MulticlassAccuracy(7, average="micro")
+    generator = torch.Generator().manual_seed(0)
+    for size in (5, 64, 1):
+        logits = torch.randint(0, 3, (size, 7), generator=generator).float()  # many ties: first index wins
+        labels = torch.randint(0, 7, (size,), generator=generator)
+        ours.update(logits, labels)
+        reference.update(logits, labels)
+    assert ours.compute() == pytest.approx(float(reference.compute()), abs=1e-7) and ours.total == 70
+    ours.reset()
+    assert ours.correct == 0 and ours.total == 0
+
+
+def test_signature_answers_are_cached_per_function_and_stay_right():
+    from lightning.pytorch.utilities import signature_utils
+    from lightning.pytorch.core import module as core_module
+    from lightning.pytorch.loops import training_epoch_loop
+
+    cached = signature_utils.is_param_in_hook_signature
+    assert cached._fast_path and core_module.is_param_in_hook_signature is cached
+    assert training_epoch_loop.is_param_in_hook_signature is cached
+
+    class Steps:
+        def with_index(self, batch, batch_idx):
+            pass
+
+        def iterator(self, dataloader_iter):
+            pass
+
+    for _ in range(2):  # the second answer comes from the cache
+        assert cached(Steps().with_index, "batch_idx", min_args=2)
+        assert not cached(Steps().iterator, "batch_idx", min_args=2)
+        assert cached(Steps().iterator, "dataloader_iter", explicit=True)
+        assert not cached(Steps().with_index, "dataloader_iter", explicit=True)
+        assert cached(lambda *args: None, "batch_idx") and not cached(lambda *args: None, "x", explicit=True)
