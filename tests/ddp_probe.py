@@ -7,7 +7,8 @@ import torch
 
 
 class RankProbe(pl.Callback):
-    """Writes rank<r>.pt (the parameters at the end of fit) and rank<r>.json (samples scored per stage)."""
+    """Writes rank<r>.pt (the parameters at the end of fit) and rank<r>.json (samples scored per stage; after fit
+    also this rank's own train-accuracy counts of the last epoch and the train/acc that was logged)."""
 
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
@@ -20,6 +21,11 @@ class RankProbe(pl.Callback):
         if not trainer.sanity_checking:
             self.counts["val"] += len(batch[1])
 
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        # callbacks' on_train_epoch_end runs before the module's, which computes (syncs) and resets the counts
+        metric = pl_module.train_metrics
+        self.counts["train_correct"], self.counts["train_total"] = int(metric.correct), int(metric.total)
+
     def on_test_epoch_start(self, trainer, pl_module) -> None:
         self.counts["test"] = 0
 
@@ -30,6 +36,7 @@ class RankProbe(pl.Callback):
         os.makedirs(self.out_dir, exist_ok=True)
         base = os.path.join(self.out_dir, f"{stage}-rank{trainer.global_rank}")
         if stage == "fit":
+            self.counts["train_acc_logged"] = float(trainer.callback_metrics["train/acc"])
             torch.save({k: v.detach().cpu() for k, v in pl_module.named_parameters()}, base + ".pt")
         with open(base + ".json", "w") as f:
             json.dump({**self.counts, "run_dir": trainer.default_root_dir}, f)

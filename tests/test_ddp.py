@@ -91,6 +91,17 @@ def test_ddp_val_and_test_score_every_sample_once(ddp_fit):
 
 
 @pytest.mark.slow
+def test_ddp_train_accuracy_counts_both_ranks(ddp_fit):
+    fit = _counts(ddp_fit[0] / "probe2", "fit")
+    assert len(fit) == 2 and fit[0]["train_total"] == fit[1]["train_total"] > 0  # equal shards
+    local = [c["train_correct"] / c["train_total"] for c in fit]
+    assert local[0] != local[1]  # else a rank's own value would pass for the synced one
+    correct, total = sum(c["train_correct"] for c in fit), sum(c["train_total"] for c in fit)
+    for rank in fit:
+        assert rank["train_acc_logged"] == pytest.approx(correct / total, abs=1e-6)
+
+
+@pytest.mark.slow
 def test_ddp_test_of_a_checkpoint_matches_one_process(ddp_fit):
     ddp_fit, ckpt = ddp_fit[0], os.path.join(ddp_fit[1], "checkpoints", "last.ckpt")
     scores = {}

@@ -1,5 +1,7 @@
 """What the training step logs; the fast paths for `self.log` and for hook dispatch change no logged value or hook."""
+import gc
 import os
+import sys
 
 import lightning.pytorch as pl
 import pytest
@@ -165,6 +167,18 @@ def test_empty_hooks_are_recognised_on_their_bytecode():
     assert not fast_hooks._is_empty(ModelCheckpoint.on_train_batch_end)
     assert not fast_hooks._is_empty(pl.LightningModule.on_after_batch_transfer)
     assert not any(fast_hooks._is_empty(f) for f in (returns_zero, generator, None, print))
+    for _ in range(2):  # the second answers come from the cache
+        assert fast_hooks._is_empty(documented) and not fast_hooks._is_empty(returns_zero)
+
+    class Redefined(Callback):  # a notebook cell run again defines a new class: the old one must not be kept
+        def on_train_start(self, trainer, pl_module):
+            pass
+
+    assert fast_hooks._is_empty(Redefined.on_train_start) and Redefined.on_train_start in fast_hooks._EMPTY
+    kept = len(fast_hooks._EMPTY)
+    del Redefined, documented, returns_zero
+    gc.collect()
+    assert len(fast_hooks._EMPTY) == kept - 3
 
 
 def test_top_one_accuracy_is_torchmetrics_micro_accuracy():
@@ -208,15 +222,19 @@ def test_signature_answers_are_cached_per_function_and_stay_right():
         assert cached(lambda *args: None, "batch_idx") and not cached(lambda *args: None, "x", explicit=True)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_memory_is_kept_for_the_next_step():
-    # glibc's defaults hand a step's freed heap back to the OS and fault it in again on the next step
+    # glibc's defaults hand a step's freed heap back to the OS and fault it in again on the next step. Its mmap
+    # threshold moves up with what the process has freed so far (imports included), so both runs first pin the
+    # defaults it starts from (128 KiB), the state in which a training process met the re-faulting.
     import subprocess
-    import sys
 
     from tests.conftest import ROOT
 
-    program = """import resource, sys, torch
+    program = """import ctypes, resource, sys, torch
 import cli
+libc = ctypes.CDLL(None)
+assert libc.mallopt(-3, 128 << 10) and libc.mallopt(-1, 128 << 10)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
 applied = cli.keep_freed_memory() if sys.argv[1] == "tuned" else None
 def step():
     blocks = [torch.ones(1 << 18) for _ in range(30)]  # 30 x 1 MiB, as a step's activations
