@@ -267,12 +267,33 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
+def skip_absent_nvml() -> bool:
+    """Stop every CUDA check on a machine without NVML from trying to load it again: drops
+    PYTORCH_NVML_BASED_CUDA_CHECK there.
+
+    lightning.fabric sets the variable at import so that counting GPUs does not initialise CUDA before a fork; until
+    CUDA is initialised torch then dlopens libnvidia-ml.so.1 on every torch.cuda.device_count(), and where the
+    library is missing the try fails and torch falls back to the CUDA runtime's count, which it would have asked
+    anyway. AdamW asks once per step (`torch.accelerator.current_accelerator(check_available=True)`): ~120 us per
+    step on the 2-core CPU, 5 us without the variable. With no library to load the variable changes no answer;
+    where NVML loads, it is kept. Returns whether it was dropped."""
+    if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1":
+        return False
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")  # the name torch.cuda loads
+        return False
+    except OSError:
+        del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
+        return True
+
+
 def run_cli(args=None, run: bool = True) -> ExperimentCLI:
     """The whole command, raising instead of exiting: a UserError for a mistake the user can fix,
     CommandInterrupted after a signal (callbacks/safety.py says what a signal does at each moment). What a
     failed command created and cannot resume from is removed."""
     torch.set_float32_matmul_precision("high")
     keep_freed_memory()
+    skip_absent_nvml()
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # tests pass args
     argv = sys.argv[1:] if args is None else args
     _subcommand[0] = argv[0] if run and argv and not argv[0].startswith("-") else "fit"

@@ -35,24 +35,20 @@ except ImportError:  # a Lightning that moved them: keep its own behaviour
     call = signature_utils = None
 
 NAMES = ("_call_callback_hooks", "_call_lightning_module_hook", "_call_strategy_hook")
-_EMPTY = weakref.WeakKeyDictionary()  # function -> whether its body does nothing (weakly: classes come and go)
+_EMPTY: dict = {}  # code object -> whether it does nothing; keyed by code, which holds no class, module or closure
 
 
 def _is_empty(function) -> bool:
     """A function that only returns None (a docstring and `pass` at most): calling it changes nothing."""
-    try:
-        return _EMPTY[function]
-    except (KeyError, TypeError):  # TypeError: None or a builtin that cannot be weakly referenced, not cached
-        pass
     code = getattr(function, "__code__", None)
-    empty = code is not None and not code.co_flags & 0x20 and all(  # 0x20: a generator is not empty
-        ins.opname in ("RESUME", "NOP", "RETURN_VALUE")
-        or (ins.opname in ("LOAD_CONST", "RETURN_CONST") and ins.argval is None)
-        for ins in dis.get_instructions(code))
-    try:
-        _EMPTY[function] = empty
-    except TypeError:
-        pass
+    if code is None:
+        return False
+    empty = _EMPTY.get(code)
+    if empty is None:
+        empty = _EMPTY[code] = not code.co_flags & 0x20 and all(  # 0x20: a generator is not empty
+            ins.opname in ("RESUME", "NOP", "RETURN_VALUE")
+            or (ins.opname in ("LOAD_CONST", "RETURN_CONST") and ins.argval is None)
+            for ins in dis.get_instructions(code))
     return empty
 
 

@@ -90,6 +90,37 @@ def test_train_loss_reaches_the_bar_without_a_per_step_conversion(tmp_path):
     assert metrics["train/loss"] == pytest.approx(float(trainer.callback_metrics["train/loss"]))
 
 
+@pytest.mark.parametrize("min_interval", [0.0, 3600.0])
+def test_the_bar_redraws_once_per_refresh_and_at_most_every_min_interval(tmp_path, monkeypatch, min_interval):
+    from callbacks.progress import LossProgressBar
+
+    draws = []  # (epoch, batch, bar.n, postfix) at each terminal write in on_train_batch_end
+
+    class Counted(LossProgressBar):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            bar, writes = self.train_progress_bar, []
+            monkeypatch.setattr(bar, "refresh", lambda *a, **k: writes.append(1))
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            monkeypatch.undo()
+            draws.extend([(trainer.current_epoch, batch_idx + 1, bar.n, bar.postfix)] * len(writes))
+
+    pl.seed_everything(0)
+    datamodule = DigitsDataModule(batch_size=64, seed=0)
+    model = MLP(hidden=[16], class_names=DIGITS, input_shape=(1, 8, 8))
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=str(tmp_path),
+                         callbacks=[Counted(refresh_rate=5, min_interval=min_interval)])
+    trainer.fit(model, datamodule=datamodule)
+    total = trainer.num_training_batches
+    assert total % 5 and total > 10
+    every_5 = [n for n in range(5, total + 1, 5)] + [total]
+    if min_interval:  # the first multiple of 5 draws, then nothing until an epoch's last batch
+        assert [(e, n) for e, n, _, _ in draws] == [(0, 5), (0, total), (1, total)]
+    else:
+        assert [(e, n) for e, n, _, _ in draws] == [(e, n) for e in (0, 1) for n in every_5]  # one write each
+    assert all(shown == n and "train/loss=" in postfix for _, n, shown, postfix in draws)
+
+
 def _recorded_fit(tmp_path, *extra):
     """A fit through cli.py with every default callback, recording each hook with the module's current fx name."""
     import cli
@@ -175,7 +206,7 @@ def test_empty_hooks_are_recognised_on_their_bytecode():
         def on_train_start(self, trainer, pl_module):
             pass
 
-    assert fast_hooks._is_empty(Redefined.on_train_start) and Redefined.on_train_start in fast_hooks._EMPTY
+    assert fast_hooks._is_empty(Redefined.on_train_start) and Redefined.on_train_start.__code__ in fast_hooks._EMPTY
     cached = [weakref.ref(f) for f in (Redefined, Redefined.on_train_start, documented, returns_zero)]
     del Redefined, documented, returns_zero
     gc.collect()
@@ -195,6 +226,9 @@ def test_top_one_accuracy_is_torchmetrics_micro_accuracy():
         ours.update(logits, labels)
         reference.update(logits, labels)
     assert ours.compute() == pytest.approx(float(reference.compute()), abs=1e-7) and ours.total == 70
+    ours.reset()
+    assert ours.correct == 0 and ours.total == 0
+    ours.update(logits, labels)  # counted in place: the defaults that reset() restores must not move
     ours.reset()
     assert ours.correct == 0 and ours.total == 0
 
@@ -255,3 +289,47 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         faults[kind] = int(count)
     assert applied == "True"
     assert faults["default"] > 20 * 30 * 128 and faults["tuned"] < faults["default"] / 20, faults
+
+
+@pytest.mark.parametrize("nvml_loads", [False, True])
+def test_the_nvml_check_is_dropped_only_where_nvml_cannot_load(monkeypatch, nvml_loads):
+    import ctypes
+
+    import cli
+
+    def load(name):
+        assert name == "libnvidia-ml.so.1"
+        if not nvml_loads:
+            raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # as lightning.fabric sets it; restored after
+    answers = torch.cuda.is_available(), torch.accelerator.current_accelerator(check_available=True)
+    monkeypatch.setattr(ctypes, "CDLL", load)
+    assert cli.skip_absent_nvml() is not nvml_loads
+    assert (os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1") is nvml_loads
+    monkeypatch.undo()
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK", "0"))
+    assert (torch.cuda.is_available(), torch.accelerator.current_accelerator(check_available=True)) == answers
+
+
+def test_a_cli_fit_without_nvml_does_not_try_to_load_it_every_step(tmp_path, monkeypatch):
+    import ctypes
+
+    import cli
+
+    loads = []
+    real_cdll = ctypes.CDLL
+
+    def load(name, *args, **kwargs):
+        if name == "libnvidia-ml.so.1":  # a machine without NVML, whatever this one has
+            loads.append(name)
+            raise OSError(f"{name}: cannot open shared object file")
+        return real_cdll(name, *args, **kwargs)
+
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    monkeypatch.setattr(ctypes, "CDLL", load)
+    run = cli.main(["--config", "configs/quickstart.yaml", "--trainer.max_epochs", "2", "--log_dir", str(tmp_path),
+                    "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"], run=False)
+    loads.clear()  # building the trainer may ask; training steps must not
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    assert run.trainer.global_step > 5 and loads == []
