@@ -200,6 +200,10 @@ class ExperimentCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._check_ckpt_path()
+        if getattr(self.model, "hand_trained", False) and self.trainer.world_size > 1:
+            # the model's own setup() refuses too, but only once each rank has been launched: one line per rank
+            raise UserError("the scratch CNN trains on one device only (its hand-written SGD has no gradient "
+                            "all-reduce); use --trainer.devices 1")
         restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
         if STOP.under_slurm() and restarts and STOP.run_dir:  # a requeued job: resume from its newest state
             saved = glob.glob(os.path.join(STOP.run_dir, "hpc_ckpt_*.ckpt"))

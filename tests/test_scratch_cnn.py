@@ -69,3 +69,19 @@ def test_mid_epoch_resume_restores_weights_and_momentum(tmp_path):
     resumed = fit(ckpt_path=glob.glob(os.path.join(tmp_path, "step=30*.ckpt"))[0])
     for key, value in uninterrupted.scratch_params.items():
         assert torch.equal(value, resumed.scratch_params[key]), key
+
+
+def test_ddp_is_refused_once_before_any_rank_starts(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    result = subprocess.run([sys.executable, "cli.py", "fit", "--config", "configs/digits_scratch_cnn.yaml",
+                             "--log_dir", str(tmp_path), "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                             "--trainer.accelerator", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "one device only" in errors[0] and "--trainer.devices 1" in errors[0]
+    assert "Initializing distributed" not in result.stderr + result.stdout  # no second process was launched
+    assert not glob.glob(str(tmp_path / "*" / "*"))  # nothing left behind
