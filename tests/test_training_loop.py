@@ -302,13 +302,13 @@ def test_the_nvml_check_is_dropped_only_where_nvml_cannot_load(monkeypatch, nvml
         if not nvml_loads:
             raise OSError(f"{name}: cannot open shared object file")
 
+    real_cdll = ctypes.CDLL
     monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # as lightning.fabric sets it; restored after
     answers = torch.cuda.is_available(), torch.accelerator.current_accelerator(check_available=True)
     monkeypatch.setattr(ctypes, "CDLL", load)
     assert cli.skip_absent_nvml() is not nvml_loads
     assert (os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1") is nvml_loads
-    monkeypatch.undo()
-    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK", "0"))
+    monkeypatch.setattr(ctypes, "CDLL", real_cdll)  # torch's own loads again, the variable as it was left
     assert (torch.cuda.is_available(), torch.accelerator.current_accelerator(check_available=True)) == answers
 
 
