@@ -104,11 +104,13 @@ class ExperimentCLI(LightningCLI):
                             "use --trainer.accelerator auto (or cpu)")
         self._check_precision(str(trainer_config.precision), trainer_config.accelerator, kwargs)
         check_section_numbers(config)  # the Lightning sections' numbers that Lightning lets through
-        if trainer_config.logger in (None, True):
+        if trainer_config.logger in (None, True, False):  # a user's own logger chooses its own folder
             run_dir = claim_run_dir(config.log_dir, self.experiment_name, config.run_version)
-            kwargs["logger"] = TensorBoardLogger(save_dir=config.log_dir, name=self.experiment_name,
-                                                 version=os.path.basename(run_dir), default_hp_metric=False)
-            kwargs.setdefault("default_root_dir", run_dir)  # SLURM's hpc checkpoints land here too
+            if trainer_config.logger is not False:
+                kwargs["logger"] = TensorBoardLogger(save_dir=config.log_dir, name=self.experiment_name,
+                                                     version=os.path.basename(run_dir), default_hp_metric=False)
+            # SLURM's hpc checkpoints land here too; without a logger it is the run folder (not the working directory)
+            kwargs.setdefault("default_root_dir", run_dir)
             STOP.run_dir = run_dir
         self.results = ResultsFile()
         self.efficiency_summary = None

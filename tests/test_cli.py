@@ -112,3 +112,18 @@ def test_one_test_pass_when_last_ckpt_holds_the_best_step(tmp_path, capsys):
     assert results["checkpoints"]["last"] == run.trainer.checkpoint_callback.last_model_path
     assert results["checkpoints"]["last"].endswith("last.ckpt") and results["checkpoints"]["best"] != ""
     assert os.path.isfile(os.path.join(run.trainer.log_dir, "confusion_matrix_last.png"))
+
+
+def test_logger_false_still_writes_into_a_run_folder_not_the_working_directory(tmp_path, monkeypatch, capsys):
+    # --trainer.logger false turns TensorBoard off; the run's files still go into log_dir/<experiment>/<version>/
+    cwd, log_dir = tmp_path / "cwd", tmp_path / "logs"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    cli.main(["fit", "--config", os.path.join(ROOT, "configs", "quickstart.yaml"), "--trainer.max_epochs", "1",
+              "--trainer.logger", "false", "--log_dir", str(log_dir), "--trainer.enable_progress_bar", "false"])
+    assert os.listdir(cwd) == []
+    (run_dir,) = glob.glob(str(log_dir / "quickstart" / "*"))
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"Run directory: {run_dir}"
+    for name in ("config.yaml", "results.json", os.path.join("checkpoints", "last.ckpt")):
+        assert os.path.isfile(os.path.join(run_dir, name)), name
+    assert not glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))  # no logger, no TensorBoard events
