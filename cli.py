@@ -18,7 +18,8 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.plugins.environments import ClusterEnvironment, SLURMEnvironment
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.checkpoint_io import SafeCheckpointIO
@@ -58,6 +59,18 @@ class OneLineErrorParser(LightningArgumentParser):
         # way out cost ~25 ms of every fit (2/3 of the save)
         kwargs.setdefault("skip_validation", True)
         return super().save(cfg, path, **kwargs)
+
+
+def with_safe_plugins(plugins) -> list:
+    """The trainer's plugins plus ours where the user chose none of that kind: SafeCheckpointIO (checkpoints written
+    beside their target; a full disk is one line) and, under SLURM, SLURMEnvironment without Lightning's own
+    requeue (SafeInterrupt requeues safely). A user's own CheckpointIO or cluster environment is kept as it is."""
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+        plugins.append(SafeCheckpointIO())
+    if os.environ.get("SLURM_JOB_ID") and not any(isinstance(plugin, ClusterEnvironment) for plugin in plugins):
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
 
 
 class ExperimentCLI(LightningCLI):
@@ -126,10 +139,7 @@ class ExperimentCLI(LightningCLI):
         if trainer_config.enable_progress_bar is not False and not any(
                 isinstance(c, ProgressBar) for c in (configured if isinstance(configured, list) else [configured])):
             extra_callbacks.append(LossProgressBar())  # tqdm every 5 batches, the loss without a per-step sync
-        if trainer_config.plugins is None:  # checkpoints written beside their target; a full disk is one line
-            kwargs["plugins"] = [SafeCheckpointIO()]
-            if os.environ.get("SLURM_JOB_ID"):
-                kwargs["plugins"].append(SLURMEnvironment(auto_requeue=False))  # SafeInterrupt requeues safely
+        kwargs["plugins"] = with_safe_plugins(self._get(self.config_init, "trainer", default={}).get("plugins"))
         return self._instantiate_trainer({**self._get(self.config_init, "trainer", default={}), **kwargs},
                                          extra_callbacks)
 

@@ -18,6 +18,9 @@ Ours is `cli.py fit` with the default callbacks (checkpointing, early stopping, 
 guard, progress bar) and TensorBoard logging on; validation is off in both so only the training epochs are timed.
 The baseline is the course notebook's loop: zero_grad / forward / loss / backward / step. `--control` runs that
 plain loop a second time in each round: the ratio of two identical loops is the benchmark's resolution on the machine.
+"ours, channels_last" is `cli.py fit` again with the CNN's `channels_last: true` (the shipped MNIST/CIFAR CNN configs
+set it): the very same parameters and batches, stored NHWC, i.e. what a user gets running the notebook's model
+through our configs; "fit" (the same memory format as the plain loop) is the overhead comparison.
 With 6 rounds or more the report gives each median ratio a 95% confidence interval (distribution-free, from the
 rounds' order statistics: benchmarks.common.median_interval), so a target is met only where the interval says so.
 """
@@ -105,7 +108,13 @@ def plain_loop(run, device: torch.device, epochs: int) -> float:
     return time.perf_counter() - start
 
 
-SIDES = ("fit", "floor", "plain")
+SIDES = ("fit", "nhwc", "floor", "plain")
+
+
+def set_channels_last(model, on: bool) -> None:
+    """The CNN's channels_last option switched in place: the same parameter objects and values, another layout."""
+    model.hparams.channels_last = on  # read by CNN.forward
+    model.net.to(memory_format=torch.channels_last if on else torch.contiguous_format)
 
 
 def _bare_training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -149,6 +158,7 @@ def main() -> None:
             # weights (separate builds differed by up to 35% in a plain loop's speed on this CPU: memory placement)
             torch.manual_seed(repeat)
             run = build(arguments, log_dir, device.type, args.epochs)
+            nhwc_trainer = build(arguments, log_dir, device.type, args.epochs).trainer  # a trainer fits once
             run.datamodule.setup("fit")  # making the synthetic data is not training: untimed on every side
             initial = copy.deepcopy(run.model.state_dict())
             for side in (sides if repeat % 2 else sides[::-1]):  # alternate who goes first
@@ -160,6 +170,10 @@ def main() -> None:
                     plain_loop(run, device, args.epochs)
                 elif side == "floor":
                     lightning_floor(run, device, args.epochs)
+                elif side == "nhwc":  # the layout switch is timed too (microseconds)
+                    set_channels_last(run.model, True)
+                    nhwc_trainer.fit(run.model, datamodule=run.datamodule)
+                    set_channels_last(run.model, False)
                 else:  # the whole trainer.fit call: setup, summary, checkpoints included
                     run.trainer.fit(run.model, datamodule=run.datamodule)
                 sync(device)
@@ -172,7 +186,7 @@ def main() -> None:
     intervals = "; ".join(f"{name} {median(values):.3f} [{bounds[0]:.3f}, {bounds[1]:.3f}]"
                           for name, values in ratio.items() if (bounds := median_interval(values)))
     intervals = (f" 95% confidence intervals of the median ratios (distribution-free, from the rounds' order "
-                 f"statistics; fit, floor and control are to the plain loop): {intervals}." if intervals else
+                 f"statistics; fit, nhwc (ours, channels_last), floor and control are to the plain loop): {intervals}." if intervals else
                  " Too few rounds for a 95% confidence interval of a median (6 at least).")
     control = (f" Control: the same plain loop run again in each round, ratio {median(ratio['control']):.2f} (per "
                f"round {', '.join(f'{r:.3f}' for r in ratio['control'])}; 1.00 is no noise), the resolution of these "
@@ -181,16 +195,21 @@ def main() -> None:
     samples = len(run.datamodule.splits["train"])
     images = samples * args.epochs
     rows = [[label, f"{samples:,} x {args.epochs}", f"{seconds['fit']:.2f}", f"{seconds['plain']:.2f}",
-             f"{median(ratio['fit']):.2f}", f"{seconds['floor']:.2f}", f"{median(ratio['floor']):.2f}",
+             f"{median(ratio['fit']):.2f}", f"{seconds['nhwc']:.2f}", f"{median(ratio['nhwc']):.2f}",
+             f"{seconds['floor']:.2f}", f"{median(ratio['floor']):.2f}",
              f"{images / seconds['fit']:,.0f}", f"{images / seconds['plain']:,.0f}", f"{peak_rss_mb():.0f} MB", peak]]
-    header = ["model", "samples x epochs", "ours fit s", "plain loop s", "time ratio", "Lightning floor s",
+    header = ["model", "samples x epochs", "ours fit s", "plain loop s", "time ratio", "ours, channels_last s",
+              "channels_last ratio", "Lightning floor s",
               "floor ratio", "ours img/s", "plain img/s", "peak RSS", "CUDA max allocated (ours)"]
     report("Training-loop overhead: Lightning fit vs a plain PyTorch loop", markdown_table(header, rows), device,
            f"Medians of {args.repeats} rounds run back to back, alternating the order of the sides; ratios are medians "
            f"of the rounds' ratios to the plain loop (per round, ours: {', '.join(f'{r:.3f}' for r in ratio['fit'])}; "
+           f"ours, channels_last: {', '.join(f'{r:.3f}' for r in ratio['nhwc'])}; "
            f"floor: {', '.join(f'{r:.3f}' for r in ratio['floor'])}), so a drift in machine speed between rounds "
            "cancels. Lightning floor: a bare pl.Trainer (no callbacks, logger, progress bar, summary or checkpoints) "
-           "fitting the same model with a two-line training_step, i.e. the cost of Lightning's own loop. Target: "
+           "fitting the same model with a two-line training_step, i.e. the cost of Lightning's own loop. Ours, "
+           "channels_last: the same fit with the CNN's channels_last option (the shipped CNN configs' setting), the "
+           "same parameters and batches stored NHWC. Target: "
            "time ratio <= " + ("1.05." if notebook else "1.10.") + control + intervals, record=not args.no_record)
 
 if __name__ == "__main__":

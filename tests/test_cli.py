@@ -127,3 +127,26 @@ def test_logger_false_still_writes_into_a_run_folder_not_the_working_directory(t
     for name in ("config.yaml", "results.json", os.path.join("checkpoints", "last.ckpt")):
         assert os.path.isfile(os.path.join(run_dir, name)), name
     assert not glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))  # no logger, no TensorBoard events
+
+
+@pytest.mark.parametrize("plugin, checkpoint_io", [
+    ("lightning.pytorch.plugins.environments.LightningEnvironment", "SafeCheckpointIO"),  # another kind: ours added
+    ("lightning.pytorch.plugins.io.TorchCheckpointIO", "TorchCheckpointIO"),  # the user's own CheckpointIO: kept
+])
+def test_users_own_plugins_keep_safe_checkpoint_writes(plugin, checkpoint_io, tmp_path):
+    run = cli.run_cli(["--config", "configs/quickstart.yaml", "--log_dir", str(tmp_path),
+                       "--trainer.plugins", f"[{{class_path: {plugin}}}]"], run=False)
+    assert type(run.trainer.strategy.checkpoint_io).__name__ == checkpoint_io
+
+
+def test_safe_plugins_under_slurm_keep_a_users_cluster_environment(monkeypatch):
+    from lightning.pytorch.plugins.environments import LightningEnvironment, SLURMEnvironment
+
+    from callbacks.checkpoint_io import SafeCheckpointIO
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    added = cli.with_safe_plugins(None)
+    assert [type(p) for p in added] == [SafeCheckpointIO, SLURMEnvironment] and not added[1].auto_requeue
+    own = LightningEnvironment()
+    assert cli.with_safe_plugins(own)[0] is own and len(cli.with_safe_plugins([own])) == 2  # + SafeCheckpointIO
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert [type(p) for p in cli.with_safe_plugins([])] == [SafeCheckpointIO]
