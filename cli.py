@@ -15,7 +15,7 @@ import warnings
 from typing import Optional
 
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelSummary, ProgressBar
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import ClusterEnvironment, SLURMEnvironment
@@ -23,6 +23,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.checkpoint_io import SafeCheckpointIO
+from callbacks.early_stopping import StayingEarlyStopping
 from callbacks.efficiency import EfficiencyMonitor
 from callbacks.figures import Figures
 from callbacks.progress import LossProgressBar
@@ -85,7 +86,7 @@ class ExperimentCLI(LightningCLI):
         parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")  # last.ckpt = the newest state
         parser.set_defaults({"checkpoint.monitor": "val/loss", "checkpoint.mode": "min", "checkpoint.save_last": True,
                              "checkpoint.filename": "best-epoch{epoch:02d}", "checkpoint.auto_insert_metric_name": False})
-        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.add_lightning_class_args(StayingEarlyStopping, "early_stopping")
         parser.set_defaults({"early_stopping.monitor": "val/loss", "early_stopping.patience": 5})
         parser.add_lightning_class_args(Figures, "figures")  # PNGs + TensorBoard; figures.enabled: false turns off
         for key in ("num_classes", "input_shape", "class_names"):

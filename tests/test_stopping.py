@@ -96,3 +96,29 @@ def test_last_ckpt_is_the_final_state_after_early_stopping_past_the_best_epoch(t
     results = json.loads((folder / "results.json").read_text())
     assert results["checkpoints"]["last"].endswith("last.ckpt")
     assert results["test"]["best"] != results["test"]["last"]  # two different checkpoints were scored
+
+
+@pytest.mark.slow
+def test_resuming_an_early_stopped_fit_trains_nothing_more(tmp_path, capsys):
+    # Lightning restores EarlyStopping's counters, not trainer.should_stop: a resume used to train on
+    stop_early = ["--early_stopping.patience", "1", "--early_stopping.monitor", "val/acc", "--early_stopping.mode",
+                  "min", "--trainer.max_epochs", "8", "--trainer.limit_train_batches", "3"]
+    first = cli.run_cli(["fit", *QUICK, *stop_early, "--log_dir", str(tmp_path / "first")])
+    assert first.trainer.current_epoch < 8  # early stopping ended it
+    last_path = first.trainer.checkpoint_callback.last_model_path
+    last = torch.load(last_path, weights_only=True)
+    capsys.readouterr()
+    resumed = cli.run_cli(["fit", *QUICK, *stop_early, "--ckpt_path", last_path, "--log_dir", str(tmp_path / "again")])
+    assert resumed.trainer.global_step == last["global_step"] == first.trainer.global_step
+    assert all(torch.equal(value, resumed.model.state_dict()[key]) for key, value in last["state_dict"].items())
+    assert "Early stopping had ended this run at epoch" in capsys.readouterr().out
+    assert torch.load(last_path, weights_only=True)["global_step"] == last["global_step"]  # not rewritten
+
+
+def test_staying_early_stopping_keeps_lightnings_state_key():
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from callbacks.early_stopping import StayingEarlyStopping
+    # checkpoints written with Lightning's EarlyStopping restore into ours, and back
+    assert StayingEarlyStopping(monitor="val/acc", mode="max").state_key == \
+        EarlyStopping(monitor="val/acc", mode="max").state_key
