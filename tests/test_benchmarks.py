@@ -29,6 +29,7 @@ def test_benchmark_runs_at_toy_size_without_recording(name):
     assert open(RESULTS).read() == before  # --no-record leaves the results file alone
     if name == "training_loop":
         assert "Control: the same plain loop run again" in result.stdout
+        assert "channels_last ratio" in result.stdout  # the side with the CNN's NHWC option
         assert "Too few rounds for a 95% confidence interval" in result.stdout  # one round
 
 
