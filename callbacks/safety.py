@@ -179,6 +179,31 @@ def _say(line: str) -> None:
 STOP = StopSignals()
 
 
+def _sigterm_notifier(trainer):
+    """Lightning 2.6's SIGTERM notifier (`_SignalConnector._sigterm_notifier_fn`) without what it does under DDP.
+
+    Lightning's handler runs `dist.broadcast` inside the signal handler, once per SIGTERM received, at whatever
+    point the rank is in: the other rank is then in another collective (the gradient all-reduce, SafeInterrupt's
+    flag), so `kill <pid>` of a Lightning-launched DDP fit hung both ranks, and so did `kill -- -<pgid>` (rank 1
+    gets two SIGTERMs, rank 0 one). It also set `received_sigterm` on the signalled rank alone, which may then
+    stop a batch before the others. Here the first SIGTERM is passed on to the ranks Lightning launched (as
+    Lightning does), a single process stops after its batch (as Lightning does), and under DDP `STOP` records it
+    and `SafeInterrupt.on_train_batch_end` makes every rank stop after the same batch."""
+    forwarded = []
+
+    def notify(signum, frame) -> None:
+        launcher = trainer.strategy.launcher
+        if launcher is not None and not forwarded:
+            forwarded.append(signum)
+            launcher.kill(signum)
+        if trainer.world_size == 1:
+            trainer._signal_connector.received_sigterm = True
+        elif not STOP.installed and STOP.received is None:  # a plain Trainer without `with STOP:`
+            STOP.received = signum
+
+    return notify
+
+
 class SafeInterrupt(pl.Callback):
     """Stops training at a safe point after a signal that `STOP` recorded, and saves a checkpoint there.
 
@@ -192,6 +217,10 @@ class SafeInterrupt(pl.Callback):
 
     def setup(self, trainer, pl_module, stage) -> None:
         STOP.phase = "setup" if stage == "fit" else "testing"
+        connector = trainer._signal_connector  # registers its SIGTERM handler after this hook, for every stage
+        if not getattr(connector, "_broadcast_free", False):
+            connector._sigterm_notifier_fn = _sigterm_notifier(trainer)
+            connector._broadcast_free = True
 
     def on_train_start(self, trainer, pl_module) -> None:
         STOP.phase, STOP.trainer = "training", trainer

@@ -20,9 +20,13 @@ MOMENTS = ("setup", "sanity_check", "training", "validation", "testing")
 class SignalAt(pl.Callback):
     """Sends `signum` (SIGINT, SIGTERM or SIGUSR1) when the command reaches `moment`."""
 
-    def __init__(self, moment: str = "training", signum: str = "SIGINT"):
-        assert moment in MOMENTS, moment
-        self.moment, self.signum, self.sent = moment, signal.Signals[signum], False
+    def __init__(self, moment: str = "training", signum: str = "SIGINT", target: str = "self"):
+        """target (off SLURM): "self", each process signals itself; "rank0", only the first rank does (a `kill`
+        of the command's pid: Lightning's launcher passes it on to its other ranks); "group", the first rank
+        signals its whole process group (`kill -TERM -<pgid>`, a terminal or a job scheduler), which must be a
+        session of its own: the command is started with start_new_session."""
+        assert moment in MOMENTS and target in ("self", "rank0", "group"), (moment, target)
+        self.moment, self.signum, self.target, self.sent = moment, signal.Signals[signum], target, False
 
     def _fire(self, moment: str) -> None:
         if moment != self.moment or self.sent or int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
@@ -30,7 +34,13 @@ class SignalAt(pl.Callback):
         self.sent = True
         job = os.environ.get("SLURM_JOB_ID")
         if job is None:
-            os.kill(os.getpid(), self.signum)  # the handler runs before the next line
+            if self.target != "self" and int(os.environ.get("LOCAL_RANK", "0")) > 0:
+                return
+            if self.target == "group":
+                assert os.getpgrp() == os.getpid(), "the command must lead its own process group"
+                os.killpg(os.getpgrp(), self.signum)
+            else:
+                os.kill(os.getpid(), self.signum)  # the handler runs before the next line
             return
         if int(os.environ.get("SLURM_PROCID", "0")) == 0:
             subprocess.run(["scancel", f"--signal={self.signum.name[3:]}", job], check=True)

@@ -65,6 +65,32 @@ def test_ctrl_c_while_testing_keeps_the_checkpoints_and_names_them(tmp_path):
     assert not os.path.exists(folder / "results.json")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["rank0", "group"])
+def test_sigterm_to_a_ddp_fit_stops_every_rank_after_the_same_batch(tmp_path, target):
+    # Lightning-launched DDP (2 ranks, gloo): `kill <pid>` reaches rank 0, which passes it on to rank 1;
+    # `kill -- -<pgid>` reaches both ranks, and rank 1 a second time from rank 0. Neither may hang
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    command = subprocess.Popen([sys.executable, "cli.py", "fit", *QUICK, "--trainer.limit_train_batches", "20",
+                                "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+                                "--log_dir", str(tmp_path), "--trainer.callbacks+", "tests.signal_at.SignalAt",
+                                "--trainer.callbacks.moment", "training", "--trainer.callbacks.signum", "SIGTERM",
+                                "--trainer.callbacks.target", target],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # its own process group: the ranks, and nothing of pytest's
+    try:
+        stdout, stderr = command.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(command.pid, signal.SIGKILL)  # every rank
+        pytest.fail(f"the DDP fit hung after SIGTERM: {command.communicate()[1][-3000:]}")
+    result = subprocess.CompletedProcess(command.args, command.returncode, stdout, stderr)
+    assert result.returncode == 130, result.stderr[-3000:]
+    (run,) = os.listdir(tmp_path / "quickstart")
+    last = tmp_path / "quickstart" / run / "checkpoints" / "last.ckpt"
+    assert last_line(result).startswith(f"interrupted by SIGTERM: saved {last}")
+    assert 2 <= torch.load(last, weights_only=True)["global_step"] < 20  # stopped soon after the signal
+
+
 def test_handlers_and_environment_are_restored_to_whatever_they_were(tmp_path):
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job
     try:
