@@ -30,6 +30,7 @@ def test_benchmark_runs_at_toy_size_without_recording(name):
     if name == "training_loop":
         assert "Control: the same plain loop run again" in result.stdout
         assert "channels_last ratio" in result.stdout  # the side with the CNN's NHWC option
+        assert "CPU-time ratios to the plain loop" in result.stdout
         assert "Too few rounds for a 95% confidence interval" in result.stdout  # one round
 
 
