@@ -136,13 +136,13 @@ class ExperimentCLI(LightningCLI):
         self.figures = next((c for c in extra_callbacks if isinstance(c, Figures)), None)
         if self.figures is not None:
             self.figures.curves_after_fit = False  # after_fit tests the checkpoints and the test draws the curves
-        configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        trainer_init = self._get(self.config_init, "trainer", default={})  # instantiated: callbacks, plugins are objects
+        configured = trainer_init.get("callbacks") or []
         if trainer_config.enable_progress_bar is not False and not any(
                 isinstance(c, ProgressBar) for c in (configured if isinstance(configured, list) else [configured])):
             extra_callbacks.append(LossProgressBar())  # tqdm every 5 batches, the loss without a per-step sync
-        kwargs["plugins"] = with_safe_plugins(self._get(self.config_init, "trainer", default={}).get("plugins"))
-        return self._instantiate_trainer({**self._get(self.config_init, "trainer", default={}), **kwargs},
-                                         extra_callbacks)
+        kwargs["plugins"] = with_safe_plugins(trainer_init.get("plugins"))
+        return self._instantiate_trainer({**trainer_init, **kwargs}, extra_callbacks)
 
     @staticmethod
     def _check_precision(precision: str, accelerator, kwargs: dict) -> None:
