@@ -4,6 +4,7 @@
     python -m benchmarks.training_loop --case notebook-mnist --repeats 7
     python -m benchmarks.training_loop --samples 10000 --repeats 1 --no-record
     python -m benchmarks.training_loop --case notebook-mnist --repeats 15 --control   # + the plain loop twice
+    python -m benchmarks.training_loop --case notebook-mnist --repeats 40 --no-nhwc   # more rounds, three sides
 
 Cases:
 - cifar: one epoch of configs/cifar10_cnn.yaml (the 12/24/48 ConvNet) at batch 128 on synthetic CIFAR-shaped data.
@@ -144,13 +145,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--control", action="store_true", help="also the plain loop again: the noise of a ratio")
+    parser.add_argument("--no-nhwc", action="store_true", help="without the channels_last side (more rounds per hour)")
     args = parser.parse_args()
     notebook = args.case == "notebook-mnist"
     args.samples = args.samples or (7_200 if notebook else 45_000)  # a CIFAR-10 training split after a 5k val split
     args.epochs = args.epochs or (3 if notebook else 1)  # notebook: 90% of the npm digits' 8,000 training split
     arguments, label = case_arguments(args.case, args.samples)
     device = torch.device(args.device)
-    sides = SIDES + ("control",) if args.control else SIDES
+    sides = tuple(side for side in SIDES if side != "nhwc" or not args.no_nhwc) + (("control",) if args.control else ())
     times = {side: [] for side in sides}  # side -> seconds per timed repeat
     cpu = {side: [] for side in sides}  # side -> CPU seconds (user + sys, every thread of this process)
     with tempfile.TemporaryDirectory() as log_dir:
@@ -159,7 +161,8 @@ def main() -> None:
             # weights (separate builds differed by up to 35% in a plain loop's speed on this CPU: memory placement)
             torch.manual_seed(repeat)
             run = build(arguments, log_dir, device.type, args.epochs)
-            nhwc_trainer = build(arguments, log_dir, device.type, args.epochs).trainer  # a trainer fits once
+            if "nhwc" in sides:
+                nhwc_trainer = build(arguments, log_dir, device.type, args.epochs).trainer  # a trainer fits once
             run.datamodule.setup("fit")  # making the synthetic data is not training: untimed on every side
             initial = copy.deepcopy(run.model.state_dict())
             for side in (sides if repeat % 2 else sides[::-1]):  # alternate who goes first
@@ -200,8 +203,9 @@ def main() -> None:
     seconds = {side: median(values) for side, values in times.items()}
     samples = len(run.datamodule.splits["train"])
     images = samples * args.epochs
+    nhwc = [f"{seconds['nhwc']:.2f}", f"{median(ratio['nhwc']):.2f}"] if "nhwc" in sides else ["-", "-"]
     rows = [[label, f"{samples:,} x {args.epochs}", f"{seconds['fit']:.2f}", f"{seconds['plain']:.2f}",
-             f"{median(ratio['fit']):.2f}", f"{seconds['nhwc']:.2f}", f"{median(ratio['nhwc']):.2f}",
+             f"{median(ratio['fit']):.2f}", *nhwc,
              f"{seconds['floor']:.2f}", f"{median(ratio['floor']):.2f}",
              f"{images / seconds['fit']:,.0f}", f"{images / seconds['plain']:,.0f}", f"{peak_rss_mb():.0f} MB", peak]]
     header = ["model", "samples x epochs", "ours fit s", "plain loop s", "time ratio", "ours, channels_last s",
@@ -210,12 +214,13 @@ def main() -> None:
     report("Training-loop overhead: Lightning fit vs a plain PyTorch loop", markdown_table(header, rows), device,
            f"Medians of {args.repeats} rounds run back to back, alternating the order of the sides; ratios are medians "
            f"of the rounds' ratios to the plain loop (per round, ours: {', '.join(f'{r:.3f}' for r in ratio['fit'])}; "
-           f"ours, channels_last: {', '.join(f'{r:.3f}' for r in ratio['nhwc'])}; "
+           + (f"ours, channels_last: {', '.join(f'{r:.3f}' for r in ratio['nhwc'])}; " if "nhwc" in sides else "") +
            f"floor: {', '.join(f'{r:.3f}' for r in ratio['floor'])}), so a drift in machine speed between rounds "
            "cancels. Lightning floor: a bare pl.Trainer (no callbacks, logger, progress bar, summary or checkpoints) "
-           "fitting the same model with a two-line training_step, i.e. the cost of Lightning's own loop. Ours, "
-           "channels_last: the same fit with the CNN's channels_last option (the shipped CNN configs' setting), the "
-           "same parameters and batches stored NHWC. Target: "
+           "fitting the same model with a two-line training_step, i.e. the cost of Lightning's own loop. "
+           + ("Ours, channels_last: the same fit with the CNN's channels_last option (the shipped CNN configs' "
+              "setting), the same parameters and batches stored NHWC. " if "nhwc" in sides else
+              "The channels_last side was not run (--no-nhwc). ") + "Target: "
            "time ratio <= " + ("1.05." if notebook else "1.10.") + control + intervals +
            f" CPU-time ratios to the plain loop (user + sys of this process, medians and 95% intervals): {cpu_text}.",
            record=not args.no_record)

@@ -29,21 +29,51 @@ def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
 class TopOneAccuracy(Metric):
     """Top-1 accuracy from two counts summed across ranks: MulticlassAccuracy(average="micro")'s value (argmax,
     first index on ties) for the per-step training update, at a third of its cost (it builds four stat-score
-    tensors per update: 90-130 us against 35-45 us on the 2-core CPU)."""
+    tensors per update: 90-130 us against 35-45 us on the 2-core CPU).
+
+    `add(logits, labels)` is the per-step call: it holds the step's (detached) logits and labels and counts them
+    together every `every` steps and before any sync or compute (`flush`). Right after a forward pass the first
+    tensor ops of a step are the slow ones (~150 us in a fit of the course notebook's ConvNet, ~20 us on their own:
+    the forward's activations have pushed the dispatcher's state out of the caches), so a step pays one list
+    append, and the count runs once per `every` steps. At most `every` batches of logits are held."""
     full_state_update = False
 
-    def __init__(self):
+    def __init__(self, every: int = 32):
         super().__init__()
         self.add_state("correct", torch.tensor(0), dist_reduce_fx="sum")
         self.add_state("total", torch.tensor(0), dist_reduce_fx="sum")
+        self.every = every
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        pending = self._pending
+        pending.append((logits.detach(), labels))
+        if len(pending) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Counts what `add` holds; compute(), the counts and `update_called` include it only after this."""
+        pending, self._pending = self._pending, []
+        if len(pending) == 1:
+            self.update(*pending[0])
+        elif pending:
+            self.update(torch.cat([logits for logits, _ in pending]), torch.cat([labels for _, labels in pending]))
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         # in place: `+=` on a state would also run nn.Module's and Metric's __setattr__ (~50 us per step in a fit)
         self.correct.add_((logits.argmax(1) == labels).sum())
         self.total.add_(labels.numel())
 
+    def sync(self, *args, **kwargs) -> None:
+        self.flush()  # every rank counts what it holds before the counts are summed
+        super().sync(*args, **kwargs)
+
     def compute(self) -> torch.Tensor:
         return self.correct.float() / self.total
+
+    def reset(self) -> None:
+        self._pending = []
+        super().reset()
 
 
 def count_parameters(module: nn.Module) -> dict[str, int]:
@@ -150,7 +180,7 @@ class ClassificationModule(pl.LightningModule):
         """Per step: the loss (TensorBoard every log_every_n_steps, the bar when it redraws) and an accuracy update.
         Train accuracy is computed once per epoch in on_train_epoch_end: handing the Metric to `self.log` every
         step costs Lightning a walk over the metric's state per call (measured in benchmarks/training_loop.py)."""
-        self.train_metrics.update(logits.detach(), labels)
+        self.train_metrics.add(logits, labels)  # counted every 32 steps and at the epoch's end
         # not prog_bar=True: Lightning would then call .item() on it after every batch (a GPU sync per step);
         # cli.py's bar (callbacks/progress.py) reads it from callback_metrics when it redraws
         # detached first: Lightning clones the value before it detaches it, and a clone of the loss would be
@@ -159,6 +189,7 @@ class ClassificationModule(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         # runs before the monitoring callbacks (checkpoint, early stopping) read the epoch's metrics
+        self.train_metrics.flush()
         if self.train_metrics.update_called:
             self.log("train/acc", self.train_metrics.compute())  # syncs the counts across DDP ranks
         self.train_metrics.reset()

@@ -24,6 +24,7 @@ class RankProbe(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         # callbacks' on_train_epoch_end runs before the module's, which computes (syncs) and resets the counts
         metric = pl_module.train_metrics
+        metric.flush()  # what it holds of the epoch's last steps is counted
         self.counts["train_correct"], self.counts["train_total"] = int(metric.correct), int(metric.total)
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:

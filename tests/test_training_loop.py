@@ -25,6 +25,10 @@ class Record(pl.Callback):
         self.steps.append({kind: {key: float(value) for key, value in metrics.items()} for kind, metrics in (
             ("bar", trainer.progress_bar_metrics), ("callback", trainer.callback_metrics),
             ("logged", trainer.logged_metrics))})
+        stored = trainer._results["training_step.train/loss"]  # what self.log left in Lightning's result collection
+        self.steps[-1]["stored"] = (float(stored.value), float(stored._forward_cache), stored._update_count,
+                                    stored.has_reset, stored._computed, stored.value is stored._forward_cache,
+                                    stored.value.dtype, stored.value.shape, trainer._logger_connector._current_fx)
 
     def on_train_epoch_end(self, trainer, pl_module):  # runs before the module's hook: the epoch values come after
         self.steps.append("epoch end")
@@ -53,13 +57,74 @@ def test_train_accuracy_is_the_epochs_accuracy(tmp_path):
 
 
 def test_fast_log_path_leaves_every_logged_value_unchanged(tmp_path, monkeypatch):
+    from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
+
+    original_log, lightning_calls = _ResultCollection.log, []
+    monkeypatch.setattr(_ResultCollection, "log", lambda self, fx, name, *args, **kwargs: (
+        lightning_calls.append(name), original_log(self, fx, name, *args, **kwargs))[1])
     fast_model, _, _, fast = fit(tmp_path / "fast")
-    monkeypatch.setattr(_ResultMetric, "to", _ResultMetric.to.__wrapped__)  # Lightning's own method
+    steps = sum(step != "epoch end" for step in fast.steps)
+    assert lightning_calls.count("train/loss") <= 2 * 2  # at most two per epoch go through Lightning's method
+    monkeypatch.setattr(_ResultMetric, "to", _ResultMetric.to.__wrapped__)  # Lightning's own methods
+    monkeypatch.setattr(pl.LightningModule, "log", pl.LightningModule.log.__wrapped__)
+    lightning_calls.clear()
     slow_model, _, _, slow = fit(tmp_path / "slow")
-    assert fast.steps == slow.steps and len(fast.steps) > 20
+    assert lightning_calls.count("train/loss") == steps
+    assert fast.steps == slow.steps and steps > 20
     assert {"train/loss", "train/acc"} <= set(fast.steps[-2]["callback"])  # the second epoch sees the first's acc
     for key, value in fast_model.state_dict().items():
         assert torch.equal(value, slow_model.state_dict()[key]), key
+
+
+class Logs(pl.LightningModule):
+    """Logs `calls(batch_idx)` in every training step: (name, value, options) each."""
+
+    def __init__(self, calls):
+        super().__init__()
+        self.layer, self.calls = torch.nn.Linear(2, 1), calls
+
+    def training_step(self, batch, batch_idx):
+        for name, value, options in self.calls(batch_idx):
+            self.log(name, value, **options)
+            if isinstance(value, torch.Tensor):
+                value.data.add_(100)  # changed in place after logging: the logged value must not change
+        return self.layer(batch[0]).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit_logs(tmp_path, calls, steps=4):
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(steps, 2)), batch_size=1)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(Logs(calls), data)
+    return trainer
+
+
+@pytest.mark.parametrize("late, error", [
+    (("x", torch.tensor(1.0), {"prog_bar": True}), "twice in `training_step` with different arguments"),
+    (("x", torch.ones(2), {}), "must have a single element"),
+])
+def test_a_per_step_log_that_differs_still_meets_lightnings_checks(tmp_path, late, error):
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    calls = lambda i: [("x", torch.tensor(float(i)), {})] if i < 2 else [late]  # noqa: E731
+    with pytest.raises((MisconfigurationException, ValueError), match=error):
+        _fit_logs(tmp_path, calls)
+
+
+def test_per_step_logs_of_other_kinds_keep_lightnings_values(tmp_path):
+    # not per-step-only tensors (a number, a half-precision loss, an epoch mean, a second key) keep their path and
+    # values; each key's stored value is the last step's, converted as Lightning converts it
+    calls = lambda i: [("n", i + 1, {}), ("h", torch.tensor(i + 0.5, dtype=torch.float16), {}),  # noqa: E731
+                       ("m", torch.tensor(float(i)), {"on_epoch": True}), ("d", torch.tensor([[2.0 * i]]), {}),
+                       ("g", torch.tensor(3.0, requires_grad=True) * i, {})]
+    trainer = _fit_logs(tmp_path, calls)
+    metrics = trainer.callback_metrics
+    assert {key: float(metrics[key]) for key in ("n", "h", "m_step", "m_epoch", "d", "g")} == {
+        "n": 4.0, "h": 3.5, "m_step": 3.0, "m_epoch": 1.5, "d": 6.0, "g": 9.0}
+    assert metrics["h"].dtype == torch.float32 and metrics["d"].shape == () and not metrics["g"].requires_grad
 
 
 def test_fast_log_path_skips_only_what_is_already_in_place():
@@ -231,6 +296,29 @@ def test_top_one_accuracy_is_torchmetrics_micro_accuracy():
     ours.update(logits, labels)  # counted in place: the defaults that reset() restores must not move
     ours.reset()
     assert ours.correct == 0 and ours.total == 0
+
+
+def test_top_one_accuracy_counts_what_it_holds_before_any_value_is_read():
+    from lightning_modules.base import TopOneAccuracy
+
+    held, direct = TopOneAccuracy(every=3), TopOneAccuracy()
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(size, 5, generator=generator, requires_grad=True),
+                torch.randint(0, 5, (size,), generator=generator)) for size in (4, 7, 1, 6, 2)]
+    for i, (logits, labels) in enumerate(batches):
+        held.add(logits, labels)
+        direct.update(logits.detach(), labels)
+        assert len(held._pending) == (i + 1) % 3  # counted together every third step
+        assert all(not logits.requires_grad for logits, _ in held._pending)  # no autograd graph is kept alive
+    assert held.total == 12  # the first three batches are counted
+    held.sync(should_sync=False)  # a sync (what compute() does first) counts the rest, on every rank
+    held.unsync(should_unsync=False)
+    assert (held.correct, held.total) == (direct.correct, direct.total) == (held.correct, 20)
+    assert held.compute() == direct.compute()
+    held.add(*batches[0])
+    held.reset()  # a new epoch forgets what the last one held
+    held.flush()
+    assert held.total == 0 and not held.update_called
 
 
 def test_signature_answers_are_cached_per_function_and_stay_right():
