@@ -20,6 +20,8 @@ stored metric, no new epoch to reset) stores the value as that method would: a d
 metadata says) as the metric's value and forward cache, one more update, nothing computed, not reset, the current
 hook noted in the logger connector. Anything else goes through Lightning's method.
 """
+from typing import NamedTuple, Optional
+
 import torch
 
 try:
@@ -35,10 +37,19 @@ def _tensors_on(metric, device: torch.device) -> bool:
     return all(value.device == device for value in metric.__dict__.values() if isinstance(value, torch.Tensor))
 
 
-def _step_value_slot(module, results, fx: str, name: str, value: torch.Tensor, options: dict):
-    """The stored metric of a per-step-only tensor value that an identical call may update directly, or None."""
+class _Slot(NamedTuple):
+    """What an identical later call must match to update `metric` directly."""
+    metric: object  # the stored _ResultMetric
+    device: torch.device
+    options: dict  # the keyword arguments of the call
+    step: object  # the module's training_step function (Lightning checks its signature on every call)
+    others: tuple  # the metric's other states (its batch-size count): Lightning's method would move them too
+
+
+def _step_value_slot(module, results, key: str, value: torch.Tensor, options: dict) -> Optional[_Slot]:
+    """The slot of a per-step-only tensor value that an identical call may update directly, or None."""
     trainer = module._trainer
-    metric = results.get(f"{fx}.{name}")
+    metric = results.get(key)
     meta = getattr(metric, "meta", None)
     if (meta is None or not metric.is_tensor or not meta.on_step or meta.on_epoch or meta.enable_graph
             or results.dataloader_idx is not None or metric.compute_on_cpu or trainer.barebones
@@ -46,7 +57,8 @@ def _step_value_slot(module, results, fx: str, name: str, value: torch.Tensor, o
             or any(key in metric.__dict__.get(where, ()) for where in ("_parameters", "_buffers", "_modules")
                    for key in ("value", "_forward_cache", "_computed", "_update_count", "has_reset"))):
         return None
-    return (fx, name, metric, value.device, dict(options), getattr(module.training_step, "__func__", None))
+    others = tuple(name for name in getattr(metric, "_defaults", {}) if name != "value")
+    return _Slot(metric, value.device, dict(options), getattr(module.training_step, "__func__", None), others)
 
 
 def _install_log() -> None:
@@ -59,20 +71,19 @@ def _install_log() -> None:
         results = trainer._results if trainer is not None and not args and type(value) is torch.Tensor else None
         if results is None or self._fabric is not None:
             return original(self, name, value, *args, **options)
-        fx = self._current_fx_name
-        slot = results.__dict__.get("_fast_log_slots", {}).get((fx, name))
+        fx, device = self._current_fx_name, value.device
+        key = f"{fx}.{name}"
+        slot = results.__dict__.get("_fast_log_slots", {}).get(key)
         connector = trainer._logger_connector
-        if (slot is None or slot[2] is not results.get(f"{fx}.{name}") or slot[3] != value.device
-                or slot[4] != options or slot[5] is not getattr(self.training_step, "__func__", None)
-                or value.dtype not in _FLOATS or value.numel() != 1 or connector.should_reset_tensors(fx)):
+        if (slot is None or slot.metric is not results.get(key) or slot.device != device or slot.options != options
+                or slot.step is not getattr(self.training_step, "__func__", None) or value.dtype not in _FLOATS
+                or value.numel() != 1 or results.dataloader_idx is not None or connector.should_reset_tensors(fx)
+                or any(getattr(slot.metric, other).device != device for other in slot.others)):
             original(self, name, value, **options)
-            if (type(value) is torch.Tensor and value.dtype in _FLOATS and results.__dict__.get("_fast_log_slots")
-                    is None):
-                results.__dict__["_fast_log_slots"] = {}
-            if value.dtype in _FLOATS and (slot := _step_value_slot(self, results, fx, name, value, options)):
-                results.__dict__["_fast_log_slots"][(fx, name)] = slot
+            if value.dtype in _FLOATS and (slot := _step_value_slot(self, results, key, value, options)):
+                results.__dict__.setdefault("_fast_log_slots", {})[key] = slot
             return
-        metric = slot[2]
+        metric = slot.metric
         stored = metric.meta.sync(value.detach().reshape(()).clone())  # `_ResultMetric.update`, on_step only
         set_attribute = object.__setattr__  # none of these is a parameter, buffer or submodule (checked above)
         set_attribute(metric, "_computed", None)  # torchmetrics' update wrapper

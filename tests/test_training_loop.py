@@ -127,6 +127,38 @@ def test_per_step_logs_of_other_kinds_keep_lightnings_values(tmp_path):
     assert metrics["h"].dtype == torch.float32 and metrics["d"].shape == () and not metrics["g"].requires_grad
 
 
+def test_a_stored_metric_moved_behind_the_fast_paths_back_goes_through_lightnings_method(tmp_path, monkeypatch):
+    # e.g. the result collection's .cpu() at a loop's teardown moved its states off the GPU: Lightning's method
+    # moves them back, so the fast path must leave the call to it
+    from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
+
+    original_log, through_lightning = _ResultCollection.log, []
+
+    def log(self, fx, name, value, *args, **kwargs):
+        through_lightning.append(float(value))
+        stored = self.get(f"{fx}.{name}")
+        if stored is not None and stored.cumulated_batch_size.device.type == "meta":  # what its .to() would do
+            stored.cumulated_batch_size = torch.tensor(0)
+        return original_log(self, fx, name, value, *args, **kwargs)
+
+    monkeypatch.setattr(_ResultCollection, "log", log)
+
+    class Moves(Logs):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 2:  # moved away (the meta device stands in for another device)
+                stored = self.trainer._results["training_step.x"]
+                stored.cumulated_batch_size = stored.cumulated_batch_size.to("meta")
+            self.log("x", torch.tensor(float(batch_idx)))
+            return self.layer(batch[0]).sum()
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(5, 2)), batch_size=1)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(Moves(None), data)
+    assert through_lightning == [0.0, 2.0]  # the first call, and the one after the move; the others fast
+    assert float(trainer.callback_metrics["x"]) == 4.0
+
+
 def test_fast_log_path_skips_only_what_is_already_in_place():
     from lightning.pytorch.trainer.connectors.logger_connector.result import _Metadata
 
@@ -235,6 +267,46 @@ def test_fast_hook_dispatch_calls_the_same_hooks_in_the_same_order(tmp_path, mon
         if not key.startswith("efficiency/"):  # timings
             assert torch.equal(value, slow_trainer.callback_metrics[key]), key
     assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= fast_trainer.callback_metrics.keys()
+
+
+def test_callbacks_added_or_removed_during_an_epoch_are_seen_from_the_next_hook(tmp_path, monkeypatch):
+    from lightning.pytorch.trainer import call
+    from lightning_modules import fast_hooks
+
+    def run():
+        seen = []
+
+        class Late(pl.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                seen.append(("late", batch_idx))
+
+            def on_after_backward(self, trainer, pl_module):
+                seen.append(("late backward", trainer.global_step))
+
+        late = Late()
+
+        class Changer(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if batch_idx == 2:
+                    trainer.callbacks.append(late)
+                elif batch_idx == 4:
+                    trainer.callbacks.remove(late)
+                elif batch_idx == 5:  # replaced in place: the same list, the same length
+                    trainer.callbacks[trainer.callbacks.index(self)] = late
+
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(7, 2)), batch_size=1)
+        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_checkpointing=False, enable_model_summary=False, callbacks=[Changer()],
+                             default_root_dir=str(tmp_path))
+        trainer.fit(Logs(lambda i: []), data)
+        return seen
+
+    fast = run()
+    assert fast == [("late backward", 2), ("late", 2), ("late backward", 3), ("late", 3),
+                    ("late backward", 5), ("late", 5), ("late backward", 6), ("late", 6)]
+    for name in fast_hooks.NAMES:
+        monkeypatch.setattr(call, name, getattr(call, name).__wrapped__)  # Lightning's own dispatch
+    assert run() == fast
 
 
 def test_a_profiler_still_sees_every_callback_hook(tmp_path):
