@@ -3,6 +3,7 @@ import contextlib
 import glob
 import io
 import os
+import shutil
 
 import torch
 from fsspec.implementations.local import LocalFileSystem
@@ -39,6 +40,28 @@ class SafeCheckpointIO(TorchCheckpointIO):
             if tmp is not None:
                 with contextlib.suppress(OSError):
                     os.remove(tmp)
+            raise disk_error(error, f"the checkpoint {os.path.basename(path)}", folder, resume_hint(folder)) from error
+
+
+    def link_checkpoint(self, source: str, path: str) -> None:
+        """`path` becomes another name of the finished checkpoint file `source` (a hard link; a copy where the file
+        system has none), swapped in by a rename like a save. Safe because no checkpoint is ever written in place:
+        a later save of either name makes a new file and leaves the other name's file as it was."""
+        path, folder = os.path.abspath(path), os.path.dirname(os.path.abspath(path))
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            try:
+                os.link(source, tmp)
+            except OSError:  # no hard links here (some network or FAT file systems), or another device
+                shutil.copyfile(source, tmp)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
             raise disk_error(error, f"the checkpoint {os.path.basename(path)}", folder, resume_hint(folder)) from error
 
 

@@ -1,6 +1,12 @@
 """The run's checkpoints: the best by the monitored metric, and `last.ckpt`, always the newest completed state."""
+from weakref import proxy
+
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
+
+from callbacks.checkpoint_io import SafeCheckpointIO
 
 
 class BestAndLastCheckpoint(ModelCheckpoint):
@@ -11,7 +17,18 @@ class BestAndLastCheckpoint(ModelCheckpoint):
     resumed epochs behind. Here, whenever Lightning's save point (a validation end or a training epoch end, or
     every_n_train_steps) passes without refreshing `last.ckpt`, it is written anyway, and once more when
     training ends. A "link" save_last writes a real file at those points (a link would point at an old best).
+
+    When `last.ckpt` is saved at the step a top-k checkpoint was just written (every epoch that improves), it
+    becomes a hard link to that file instead of a second serialisation and write of the same state: half the disk
+    and the write time (~7 ms per epoch for the course's ConvNet, ~0.1 GB per epoch for a ResNet-18 with Adam).
+    The two hold the same training state; only this callback's own record of the last path inside may lag. Taken
+    only with SafeCheckpointIO on a local file system (its writes replace files, so a link never changes under the
+    other name); otherwise, and when the file system has no hard links, a real file is written or copied.
     """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._written_at = None  # (global step, path) of the top-k checkpoint this callback wrote last
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._every_n_train_steps < 1 and self._train_time_interval is None:
@@ -45,6 +62,33 @@ class BestAndLastCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         finally:
             self.save_last = mode
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        source = self._same_state_file(trainer, filepath)
+        if source is None:
+            super()._save_checkpoint(trainer, filepath)
+            if filepath != self.last_model_path:
+                self._written_at = (trainer.global_step, filepath)
+            return
+        # decided on what every rank knows alike (steps, paths, settings): all take this branch and its one barrier
+        if trainer.is_global_zero:
+            trainer.strategy.checkpoint_io.link_checkpoint(source, filepath)
+        trainer.strategy.barrier("BestAndLastCheckpoint.link")
+        self._last_global_step_saved = trainer.global_step  # what Lightning's _save_checkpoint records
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    def _same_state_file(self, trainer, filepath: str):
+        """The top-k checkpoint written at this very step, if `filepath` is last.ckpt and may be linked to it."""
+        written = getattr(self, "_written_at", None)
+        if (written is None or written[0] != trainer.global_step or written[1] == filepath
+                or filepath != self.last_model_path or self._last_global_step_saved != trainer.global_step
+                or not isinstance(trainer.strategy.checkpoint_io, SafeCheckpointIO)
+                or not isinstance(get_filesystem(filepath), LocalFileSystem)):
+            return None
+        return written[1]
 
     def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)

@@ -150,3 +150,44 @@ def test_safe_plugins_under_slurm_keep_a_users_cluster_environment(monkeypatch):
     assert cli.with_safe_plugins(own)[0] is own and len(cli.with_safe_plugins([own])) == 2  # + SafeCheckpointIO
     monkeypatch.delenv("SLURM_JOB_ID")
     assert [type(p) for p in cli.with_safe_plugins([])] == [SafeCheckpointIO]
+
+
+def test_last_ckpt_saved_at_the_best_step_is_the_best_file_under_another_name(tmp_path):
+    # one epoch: one save point, so the top-k checkpoint and last.ckpt hold the same state, written once
+    import torch
+
+    run = cli.main(["fit", "--config", "configs/quickstart.yaml", "--trainer.max_epochs", "1", "--log_dir",
+                    str(tmp_path), "--trainer.enable_progress_bar", "false", "--figures.enabled", "false"])
+    callback = run.trainer.checkpoint_callback
+    last, best = callback.last_model_path, callback.best_model_path
+    assert last.endswith("last.ckpt") and best != last and os.path.samefile(last, best)
+    loaded = torch.load(last, weights_only=True)
+    assert loaded["global_step"] == run.trainer.global_step
+    assert all(torch.equal(value, run.model.state_dict()[key]) for key, value in loaded["state_dict"].items())
+    assert not glob.glob(os.path.join(os.path.dirname(last), ".*tmp*"))  # no temporary name left behind
+
+
+def test_a_linked_last_ckpt_outlives_a_rewrite_or_removal_of_the_best_and_copies_without_hard_links(tmp_path,
+                                                                                                     monkeypatch):
+    import torch
+
+    from callbacks.checkpoint_io import SafeCheckpointIO
+
+    io = SafeCheckpointIO()
+    best, last = str(tmp_path / "best.ckpt"), str(tmp_path / "last.ckpt")
+    io.save_checkpoint({"step": 1}, best)
+    io.link_checkpoint(best, last)
+    assert os.path.samefile(best, last)
+    io.save_checkpoint({"step": 2}, best)  # a later save replaces the file under that name only
+    assert torch.load(last)["step"] == 1 and torch.load(best)["step"] == 2
+    os.remove(best)  # the old best rotated out
+    assert torch.load(last)["step"] == 1
+
+    def no_hard_links(*args):
+        raise OSError(1, "Operation not permitted")
+
+    io.save_checkpoint({"step": 3}, best)
+    monkeypatch.setattr(os, "link", no_hard_links)
+    io.link_checkpoint(best, last)  # a file system without hard links: a copy, swapped in by a rename
+    assert not os.path.samefile(best, last) and torch.load(last)["step"] == 3
+    assert sorted(os.listdir(tmp_path)) == ["best.ckpt", "last.ckpt"]
