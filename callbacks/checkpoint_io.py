@@ -67,7 +67,9 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
 def resume_hint(folder: str) -> str:
     """How to continue from the newest complete checkpoint in `folder` (checkpoints/ or the run directory)."""
-    saved = sorted(glob.glob(os.path.join(folder, "*.ckpt")), key=os.path.getmtime)
+    # the newest; last.ckpt among files as new (it may be a hard link to the best checkpoint of the same step)
+    saved = sorted(glob.glob(os.path.join(folder, "*.ckpt")),
+                   key=lambda path: (os.path.getmtime(path), os.path.basename(path).startswith("last")))
     if not saved:
         return "run the command again"
     run_dir = os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
