@@ -42,7 +42,6 @@ class SafeCheckpointIO(TorchCheckpointIO):
                     os.remove(tmp)
             raise disk_error(error, f"the checkpoint {os.path.basename(path)}", folder, resume_hint(folder)) from error
 
-
     def link_checkpoint(self, source: str, path: str) -> None:
         """`path` becomes another name of the finished checkpoint file `source` (a hard link; a copy where the file
         system has none), swapped in by a rename like a save. Safe because no checkpoint is ever written in place:
