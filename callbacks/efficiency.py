@@ -51,7 +51,8 @@ class EfficiencyMonitor(pl.Callback):
             self.trainable_per_epoch[str(trainer.current_epoch)] = trainable
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.epoch_samples += len(batch[1])
+        labels = batch[1]  # a tensor's shape[0] is its len() without Tensor.__len__'s Python frame and checks
+        self.epoch_samples += labels.shape[0] if isinstance(labels, torch.Tensor) and labels.ndim else len(labels)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._validation_start = time.perf_counter()

@@ -50,8 +50,9 @@ class NonFiniteLossGuard(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            self._pending.append((loss.detach(), trainer.global_step, trainer.current_epoch, batch_idx))
+        if loss is not None:  # automatic optimization hands over a detached loss already: no op is spent on another
+            self._pending.append((loss.detach() if loss.requires_grad else loss, trainer.global_step,
+                                  trainer.current_epoch, batch_idx))
         if len(self._pending) >= self.check_every_n_steps:
             self.check(trainer)
 

@@ -20,6 +20,7 @@ order and every logged value against Lightning's own functions.
 """
 import dis
 import logging
+import operator
 import sys
 import types
 import weakref
@@ -68,12 +69,12 @@ def _callback_functions(trainer, hook_name: str, monitoring_callbacks) -> list:
     """The bound `hook_name` methods of the trainer's callbacks that do something, in the callbacks' order."""
     callbacks = trainer.callbacks
     kept = trainer.__dict__.get("_fast_hook_functions")
-    if hook_name in PER_BATCH and kept is not None:
+    if kept:  # only per-batch hooks are kept
         entry = kept.get((hook_name, monitoring_callbacks))
-        # the same list holding the same callbacks (one appended, removed or replaced is noticed)
-        if entry is not None and entry[0] is callbacks and len(entry[1]) == len(callbacks) and all(
-                a is b for a, b in zip(entry[1], callbacks)):
-            return entry[2]
+        # the same callbacks in the same order (one appended, removed or replaced is noticed); map(is_) compares
+        # in C, without a Python frame per callback (this runs cold, right after the backward, several times a step)
+        if entry is not None and len(entry[0]) == len(callbacks) and all(map(operator.is_, entry[0], callbacks)):
+            return entry[1]
     selected = callbacks
     if monitoring_callbacks is True:
         selected = [cb for cb in callbacks if isinstance(cb, (EarlyStopping, Checkpoint))]
@@ -84,7 +85,7 @@ def _callback_functions(trainer, hook_name: str, monitoring_callbacks) -> list:
     if hook_name in PER_BATCH:
         if kept is None:
             kept = trainer.__dict__["_fast_hook_functions"] = {}
-        kept[(hook_name, monitoring_callbacks)] = (callbacks, tuple(callbacks), functions)
+        kept[(hook_name, monitoring_callbacks)] = (tuple(callbacks), functions)
     elif kept:
         kept.clear()  # an epoch or stage boundary: a callback changed since is seen from the next batch on
     return functions

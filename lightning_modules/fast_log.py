@@ -46,6 +46,13 @@ class _Slot(NamedTuple):
     others: tuple  # the metric's other states (its batch-size count): Lightning's method would move them too
 
 
+def _moved(slot: _Slot, device: torch.device) -> bool:
+    for other in slot.others:  # a loop, not a generator: one Python frame less on a cold path
+        if getattr(slot.metric, other).device != device:
+            return True
+    return False
+
+
 def _step_value_slot(module, results, key: str, value: torch.Tensor, options: dict) -> Optional[_Slot]:
     """The slot of a per-step-only tensor value that an identical call may update directly, or None."""
     trainer = module._trainer
@@ -78,13 +85,16 @@ def _install_log() -> None:
         if (slot is None or slot.metric is not results.get(key) or slot.device != device or slot.options != options
                 or slot.step is not getattr(self.training_step, "__func__", None) or value.dtype not in _FLOATS
                 or value.numel() != 1 or results.dataloader_idx is not None or connector.should_reset_tensors(fx)
-                or any(getattr(slot.metric, other).device != device for other in slot.others)):
+                or _moved(slot, device)):
             original(self, name, value, **options)
             if value.dtype in _FLOATS and (slot := _step_value_slot(self, results, key, value, options)):
                 results.__dict__.setdefault("_fast_log_slots", {})[key] = slot
             return
         metric = slot.metric
-        stored = metric.meta.sync(value.detach().reshape(()).clone())  # `_ResultMetric.update`, on_step only
+        # `_ResultMetric.update`, on_step only; a 0-d value that needs no grad (the usual `loss.detach()`) is its own
+        # detached 0-d view: no op is spent making one (this is the first Python after the forward: it runs cold)
+        stored = value if value.ndim == 0 and not value.requires_grad else value.detach().reshape(())
+        stored = metric.meta.sync(stored.clone())
         set_attribute = object.__setattr__  # none of these is a parameter, buffer or submodule (checked above)
         set_attribute(metric, "_computed", None)  # torchmetrics' update wrapper
         set_attribute(metric, "_update_count", metric._update_count + 1)
