@@ -268,6 +268,17 @@ class ClassificationModule(pl.LightningModule):
         if gradient_clip_val or (self._trainer is not None and self._trainer.gradient_clip_val):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        # Lightning's default is optimizer.zero_grad(), i.e. every .grad set to None; torch wraps that loop in a
+        # dynamo guard and a profiler record_function that run even when nothing profiles (~0.12 ms per step cold
+        # inside a 2-core CPU fit, against ~0.02 ms for the loop itself). The loop alone where torch's own method
+        # is the optimizer's and no torch profiler records (a profile keeps its Optimizer.zero_grad entries)
+        if type(optimizer).zero_grad is not torch.optim.Optimizer.zero_grad or torch._C._autograd._profiler_enabled():
+            return optimizer.zero_grad()
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                parameter.grad = None
+
     def configure_optimizers(self):
         return self.with_schedule(self.build_optimizer([p for p in self.parameters() if p.requires_grad]))
 

@@ -3,6 +3,7 @@ import gc
 import os
 import sys
 import weakref
+from contextlib import nullcontext
 
 import lightning.pytorch as pl
 import pytest
@@ -348,6 +349,86 @@ def test_empty_hooks_are_recognised_on_their_bytecode():
     del Redefined, documented, returns_zero
     gc.collect()
     assert all(ref() is None for ref in cached)
+
+
+class GradsAtBackward(pl.Callback):
+    """Whether every gradient was cleared before each backward (Lightning zeroes between forward and backward)."""
+
+    def __init__(self):
+        self.cleared = []
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.cleared.append(all(p.grad is None for p in pl_module.parameters()))
+
+
+def _fit_with(tmp_path, optimizer, accumulate, profile=False):
+    pl.seed_everything(0)
+    model = MLP(hidden=[32], norm="batch", dropout=0.1, class_names=DIGITS, input_shape=(1, 8, 8), optimizer=optimizer)
+    grads = GradsAtBackward()
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=[grads], default_root_dir=str(tmp_path), limit_val_batches=0,
+                         accumulate_grad_batches=accumulate)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile else nullcontext() as prof:
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=128, seed=0))
+    return model, grads.cleared, prof
+
+
+@pytest.mark.parametrize("optimizer, accumulate", [("adamw", 1), ("sgd", 2)])
+def test_zero_grad_and_batch_transfer_train_as_lightnings_defaults(tmp_path, monkeypatch, optimizer, accumulate):
+    from datamodules.base import ImageDataModule
+    from lightning_modules.base import ClassificationModule
+
+    model, cleared, _ = _fit_with(tmp_path / "ours", optimizer, accumulate)
+    # Lightning's own hooks
+    monkeypatch.setattr(ClassificationModule, "optimizer_zero_grad", pl.LightningModule.optimizer_zero_grad)
+    monkeypatch.setattr(ImageDataModule, "transfer_batch_to_device", pl.LightningDataModule.transfer_batch_to_device)
+    reference, reference_cleared, _ = _fit_with(tmp_path / "lightning", optimizer, accumulate)
+    assert cleared == reference_cleared and len(cleared) > 10
+    # cleared before a backward only where an optimizer step came before it (accumulation keeps the sum)
+    assert all(cleared) if accumulate == 1 else (any(cleared) and not all(cleared))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, reference.state_dict()[key]), key
+
+
+def test_a_torch_profile_still_records_the_optimizers_zero_grad(tmp_path):
+    _, cleared, prof = _fit_with(tmp_path, "adamw", 1, profile=True)
+    assert all(cleared)
+    names = {event.key for event in prof.key_averages()}
+    assert any(name.startswith("Optimizer.zero_grad#AdamW") for name in names), sorted(names)[:20]
+
+
+def test_a_batch_already_on_the_device_is_not_walked_again(tmp_path):
+    datamodule = DigitsDataModule(batch_size=4)
+    batch = (torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))
+    assert datamodule.transfer_batch_to_device(batch, torch.device("cpu"), 0) is batch
+    kept = datamodule.transfer_batch_to_device(list(batch), torch.device("cpu"), 0)
+    assert len(kept) == 2 and all(a is b for a, b in zip(kept, batch))
+    for other in (list(batch), {"images": batch[0]}):  # to another device, and any other type: Lightning's walk
+        moved = datamodule.transfer_batch_to_device(other, torch.device("meta"), 0)
+        assert type(moved) is type(other)
+        assert all(t.device.type == "meta" for t in (moved.values() if isinstance(moved, dict) else moved))
+    mixed = (batch[0].to("meta"), batch[1])  # one tensor elsewhere: everything goes to the device
+    assert all(t.device.type == "meta" for t in datamodule.transfer_batch_to_device(mixed, torch.device("meta"), 0))
+
+
+class OwnTransfer(MLP):
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        images, labels = super().transfer_batch_to_device(batch, device, dataloader_idx)
+        self.moved = getattr(self, "moved", 0) + 1
+        return images, labels
+
+
+def test_a_models_own_batch_transfer_is_still_used_and_a_fit_warns_about_none_of_ours(tmp_path, recwarn):
+    for model_class in (MLP, OwnTransfer):
+        model = model_class(hidden=[8], class_names=DIGITS, input_shape=(1, 8, 8))
+        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+                             default_root_dir=str(tmp_path), limit_val_batches=0, limit_train_batches=3)
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=32, seed=0))
+    assert model.moved == 3
+    messages = [str(w.message) for w in recwarn if "overridden" in str(w.message)]
+    assert all("both" in m for m in messages), messages  # only the model that overrides it is warned about
 
 
 def test_top_one_accuracy_is_torchmetrics_micro_accuracy():
