@@ -7,8 +7,10 @@ records it; what happens next depends on where the command is and whether it run
 | moment                                  | off SLURM (Ctrl-C, SIGTERM)          | under SLURM (SIGUSR1, SIGTERM)              |
 |-----------------------------------------|--------------------------------------|---------------------------------------------|
 | parsing, setup, sanity check            | stop at once; nothing to save        | go on; stop after the first training batch  |
-| training (incl. validation, saving)     | stop after the current batch, save   | the same, save hpc_ckpt_N, requeue (USR1)    |
+| training (incl. saving)                 | stop after the current batch, save   | the same, save hpc_ckpt_N, requeue (USR1)    |
 |                                         | checkpoints/last.ckpt                | and resume there after the restart          |
+| a validation, or the batch before one   | the same, after the validation (and  | the same, likewise                          |
+|                                         | the epoch it ends)                   |                                             |
 | testing (after fit, or a test command)  | stop at once; checkpoints stay       | finish the tests (short work), results.json |
 
 Stopping "after the current batch" uses Lightning's own SIGTERM path (the trainer's `received_sigterm` flag,
@@ -144,10 +146,13 @@ class StopSignals:
                 continue  # `scontrol requeue` SIGTERMs the job next: it is expected, keep ignoring it
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
+        self.reset()  # a later fit (a plain Trainer in the same notebook) must not stop for this command's signal
 
     def _stop_after_this_batch(self) -> None:
-        if self.phase == "training" and self.trainer is not None and self.trainer.world_size == 1:
-            self.trainer._signal_connector.received_sigterm = True  # Lightning stops once this step is complete
+        trainer = self.trainer
+        if self.phase == "training" and trainer is not None and trainer.world_size == 1 and not trainer.validating:
+            trainer._signal_connector.received_sigterm = True  # Lightning stops once this step is complete
+        # while validating, SafeInterrupt.on_validation_end sets it: Lightning would stop mid-validation
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
@@ -197,7 +202,7 @@ def _sigterm_notifier(trainer):
         if launcher is not None and not forwarded:
             forwarded.append(signum)
             launcher.kill(signum)
-        if trainer.world_size == 1:
+        if trainer.world_size == 1 and not trainer.validating:  # validating: SafeInterrupt.on_validation_end
             trainer._signal_connector.received_sigterm = True
         elif not STOP.installed and STOP.received is None:  # a plain Trainer without `with STOP:`
             STOP.received = signum
@@ -217,6 +222,8 @@ class SafeInterrupt(pl.Callback):
     """
 
     def setup(self, trainer, pl_module, stage) -> None:
+        if not STOP.installed:
+            STOP.reset()  # a plain Trainer: nothing left over from an earlier fit's signal
         STOP.phase = "setup" if stage == "fit" else "testing"
         connector = trainer._signal_connector  # registers its SIGTERM handler after this hook, for every stage
         if not getattr(connector, "_broadcast_free", False):
@@ -233,7 +240,25 @@ class SafeInterrupt(pl.Callback):
         STOP.phase = "testing"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        signalled, requeue = STOP.received is not None, STOP.requeue
+        self._stop_if_signalled(trainer, pl_module)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        # A validation is never cut short. Lightning stops after any validation batch but the last when the flag is
+        # set, so the epoch's training ends without its validation: a resume skips it (Lightning's `restarted_on_
+        # last`) and EarlyStopping's end-of-epoch check fails for want of val/loss. The flag waits for the end
+        if not trainer.sanity_checking:
+            self._deferred = trainer._signal_connector.received_sigterm  # set by Lightning's notifier without STOP
+            trainer._signal_connector.received_sigterm = False
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # after a mid-epoch validation Lightning stops there; after an epoch's last, once the epoch has ended
+        if not trainer.sanity_checking:
+            self._stop_if_signalled(trainer, pl_module, getattr(self, "_deferred", False))
+            self._deferred = False
+
+    @staticmethod
+    def _stop_if_signalled(trainer, pl_module, deferred: bool = False) -> None:
+        signalled, requeue = deferred or STOP.received is not None, STOP.requeue
         if trainer.world_size > 1:  # ranks get a signal at different batches: all must stop after the same one
             flags = torch.tensor([int(signalled), int(requeue)], device=pl_module.device)
             signalled, requeue = (bool(f) for f in trainer.strategy.reduce(flags, reduce_op="max").tolist())

@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 
 from callbacks.safety import STOP
 
-MOMENTS = ("setup", "sanity_check", "training", "validation", "testing")
+MOMENTS = ("setup", "sanity_check", "training", "last_batch", "validation", "testing")
 
 
 class SignalAt(pl.Callback):
@@ -59,6 +59,8 @@ class SignalAt(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == 2:
             self._fire("training")
+        if batch_idx == trainer.num_training_batches - 1:  # an epoch's last batch: its validation comes next
+            self._fire("last_batch")
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         if not trainer.sanity_checking:

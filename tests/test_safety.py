@@ -7,7 +7,7 @@ import sys
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.safety import STOP, NonFiniteLossGuard, SafeInterrupt, TrainingDiverged
@@ -105,11 +105,43 @@ def test_interrupt_mid_epoch_saves_last_and_resume_matches_an_uninterrupted_run(
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 30  # stopped between batches, mid-epoch 1
     assert signal.getsignal(signal.SIGINT) == before  # handlers restored to whatever they were
+    assert STOP.received is None  # and forgotten: a later plain fit in the same process must not stop for it
 
     pl.seed_everything(0)
     model = _model()
     _trainer(tmp_path / "run", []).fit(model, datamodule=DigitsDataModule(batch_size=64, rotation=10.0),
                                        ckpt_path=last, weights_only=True)
+    assert all(torch.equal(uninterrupted[k], v) for k, v in model.state_dict().items())
+
+
+class SigtermAtEpochEnd(pl.Callback):
+    """`kill <pid>` of a plain Trainer fit (no `with STOP:`) at epoch 0's last training batch."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == 0 and batch_idx == trainer.num_training_batches - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_before_a_validation_without_stop_finishes_it_and_resumes_to_the_uninterrupted_run(tmp_path):
+    # Lightning's own notifier sets the stop flag at once: the validation that follows must still run whole
+    stopping = lambda: EarlyStopping(monitor="val/loss", patience=5)  # noqa: E731  (checks val/loss at epoch ends)
+    pl.seed_everything(0)
+    model = _model()
+    _trainer(tmp_path / "full", [stopping()]).fit(model, datamodule=DigitsDataModule(batch_size=64, rotation=10.0))
+    uninterrupted = model.state_dict()
+
+    pl.seed_everything(0)
+    trainer = _trainer(tmp_path / "run", [SafeInterrupt(), SigtermAtEpochEnd(), stopping()])
+    with pytest.raises(SIGTERMException):
+        trainer.fit(_model(), datamodule=DigitsDataModule(batch_size=64, rotation=10.0))
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["loops"]["fit_loop"]["epoch_progress"]["total"]["completed"] == 1  # epoch 0 ended, validated
+
+    pl.seed_everything(0)
+    model = _model()
+    _trainer(tmp_path / "run", [stopping()]).fit(model, datamodule=DigitsDataModule(batch_size=64, rotation=10.0),
+                                                 ckpt_path=tmp_path / "run" / "checkpoints" / "last.ckpt",
+                                                 weights_only=True)
     assert all(torch.equal(uninterrupted[k], v) for k, v in model.state_dict().items())
 
 

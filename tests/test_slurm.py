@@ -250,7 +250,8 @@ def preempt_and_compare(slurm, checkout, template: str, preempted: str, uninterr
     slurm.wait(preempted, 120, until=lambda r: r["JobState"] == "PENDING" and r["Restarts"] == "1")
     slurm.start_now(preempted)  # skip the requeue delay
     for job in (preempted, uninterrupted):
-        assert [(r["JobState"], r["ExitCode"]) for r in slurm.wait(job)] == [("COMPLETED", "0:0")]
+        assert [(r["JobState"], r["ExitCode"]) for r in slurm.wait(job)] == [("COMPLETED", "0:0")], \
+            output(checkout, header(template)["job-name"], job)[-3000:]
 
     out = output(checkout, header(template)["job-name"], preempted)
     steps = {int(s) for s in re.findall(r"saved \S+/hpc_ckpt_1\.ckpt at step (\d+)", out)}  # one line per rank
@@ -326,8 +327,10 @@ def test_bad_config_fails_fast_with_one_error_line_in_the_job_output(slurm, chec
 
 
 # (template, the moment SIGUSR1 arrives, what the job does): before training it trains one batch, saves and
+# requeues; at an epoch's last batch or in its validation it ends the epoch (validation included), saves and
 # requeues; while testing it finishes the tests, which are short; either way it ends COMPLETED with results.json
 SIGNALLED = [("fit.sbatch", "setup", "requeue"), ("fit.sbatch", "sanity_check", "requeue"),
+             ("fit.sbatch", "last_batch", "requeue"), ("fit.sbatch", "validation", "requeue"),
              ("fit.sbatch", "testing", "finish"), ("clip_eval.sbatch", "testing", "finish")]
 
 

@@ -53,6 +53,44 @@ def test_a_signal_while_training_saves_last_and_says_how_to_resume(tmp_path, mom
     assert not os.path.exists(tmp_path / "quickstart" / run / "results.json")
 
 
+def final_state(folder) -> dict:
+    """The weights, step and early-stopping state in a finished run's last.ckpt."""
+    (run,) = os.listdir(folder / "quickstart")
+    last = torch.load(folder / "quickstart" / run / "checkpoints" / "last.ckpt", weights_only=True)
+    stopping = {k: v for k, v in last["callbacks"].items() if k.startswith("EarlyStopping")}
+    return {"step": last["global_step"], "weights": last["state_dict"], "early_stopping": stopping}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment,extra", [
+    ("last_batch", []),  # the epoch's training is done, its validation not yet run
+    ("validation", []),  # the epoch's closing validation, at its first batch
+    ("validation", ["--trainer.val_check_interval", "2"]),  # a validation in the middle of the epoch
+    ("last_batch", ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]),
+], ids=["last-batch", "epoch-end-validation", "mid-epoch-validation", "last-batch-ddp"])
+def test_a_signal_around_validation_resumes_to_the_uninterrupted_fit(tmp_path, moment, extra):
+    # Lightning stops after any validation batch but the last once its SIGTERM flag is set: the epoch then ends
+    # without its validation, a resume skips it as done, and early stopping's check at the epoch end failed for
+    # want of val/loss. The validation must finish first, and the resumed fit match the uninterrupted one
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    fit = [sys.executable, "cli.py", "fit", *QUICK, "--trainer.limit_train_batches", "6", *extra]
+    reference = subprocess.run([*fit, "--log_dir", str(tmp_path / "reference")], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    stopped = signalled_fit(tmp_path / "stopped", moment, "SIGTERM", "--trainer.limit_train_batches", "6", *extra)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    (run,) = os.listdir(tmp_path / "stopped" / "quickstart")
+    last = tmp_path / "stopped" / "quickstart" / run / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["global_step"] == (2 if extra[:1] == ["--trainer.val_check_interval"] else 6)
+    resumed = subprocess.run([*fit, "--ckpt_path", str(last), "--log_dir", str(tmp_path / "resumed")], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, final = final_state(tmp_path / "reference"), final_state(tmp_path / "resumed")
+    assert final["step"] == expected["step"] == 12 and final["early_stopping"] == expected["early_stopping"]
+    assert all(torch.equal(value, expected["weights"][key]) for key, value in final["weights"].items())
+
+
 @pytest.mark.slow
 def test_ctrl_c_while_testing_keeps_the_checkpoints_and_names_them(tmp_path):
     result = signalled_fit(tmp_path, "testing", "SIGINT")
