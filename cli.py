@@ -230,6 +230,7 @@ class ExperimentCLI(LightningCLI):
         trainer = self.trainer
         if trainer.fast_dev_run or trainer.interrupted:
             return
+        STOP.stop_before_testing(trainer)  # a signal while the fit ended
         # snapshot now: testing a checkpoint restores the callback states saved inside it
         self.efficiency_summary = self.efficiency.summary(trainer)
         callback = trainer.checkpoint_callback
@@ -324,6 +325,16 @@ def run_cli(args=None, run: bool = True) -> ExperimentCLI:
         discard_run_dirs(created_run_dirs, failed=True)
         message, exit_code = interrupted_message(getattr(stop, "signum", None) or STOP.received)
         raise CommandInterrupted(message, exit_code) from None
+    except Exception as error:
+        if STOP.received is not None and not STOP.under_slurm() and torch.distributed.is_initialized():
+            # a DDP rank signalled too: a rank that stopped at once (while testing, or as the fit ended) broke
+            # this one's next collective. The failure is the signal's doing: end as the stopped rank does
+            discard_run_dirs(created_run_dirs, failed=True)
+            message, exit_code = interrupted_message(STOP.received)
+            raise CommandInterrupted(message, exit_code) from None
+        user_error = user_error_in(error)
+        discard_run_dirs(created_run_dirs, failed=user_error is not None and not isinstance(user_error, TrainingDiverged))
+        raise
     except BaseException as error:
         user_error = user_error_in(error) if isinstance(error, Exception) else None
         discard_run_dirs(created_run_dirs, failed=user_error is not None and not isinstance(user_error, TrainingDiverged))

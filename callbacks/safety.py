@@ -11,6 +11,7 @@ records it; what happens next depends on where the command is and whether it run
 |                                         | checkpoints/last.ckpt                | and resume there after the restart          |
 | a validation, or the batch before one   | the same, after the validation (and  | the same, likewise                          |
 |                                         | the epoch it ends)                   |                                             |
+| the fit's end, past its last batch      | stop before the tests (as testing)   | finish the tests                            |
 | testing (after fit, or a test command)  | stop at once; checkpoints stay       | finish the tests (short work), results.json |
 
 Stopping "after the current batch" uses Lightning's own SIGTERM path (the trainer's `received_sigterm` flag,
@@ -153,6 +154,18 @@ class StopSignals:
         if self.phase == "training" and trainer is not None and trainer.world_size == 1 and not trainer.validating:
             trainer._signal_connector.received_sigterm = True  # Lightning stops once this step is complete
         # while validating, SafeInterrupt.on_validation_end sets it: Lightning would stop mid-validation
+
+    def stop_before_testing(self, trainer) -> None:
+        """After a fit, before its tests: a signal that came after training's last safe point (while the fit
+        ended) stops the command as one during the tests does, off SLURM; under SLURM the tests are finished."""
+        if self.under_slurm():
+            return
+        signalled = self.received is not None
+        if trainer.world_size > 1:  # every rank stops, or none: one left alone in a test's collective would hang
+            flag = torch.tensor([int(signalled)], device=trainer.strategy.root_device)
+            signalled = bool(trainer.strategy.reduce(flag, reduce_op="max").item())
+        if signalled:
+            raise StopNow(self.received or signal.SIGTERM)
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name

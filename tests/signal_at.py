@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 
 from callbacks.safety import STOP
 
-MOMENTS = ("setup", "sanity_check", "training", "last_batch", "validation", "testing")
+MOMENTS = ("setup", "sanity_check", "training", "last_batch", "validation", "epoch_end", "train_end", "testing")
 
 
 class SignalAt(pl.Callback):
@@ -65,6 +65,12 @@ class SignalAt(pl.Callback):
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         if not trainer.sanity_checking:
             self._fire("validation")
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._fire("epoch_end")
+
+    def on_train_end(self, trainer, pl_module):
+        self._fire("train_end")
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         self._fire("testing")

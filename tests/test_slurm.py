@@ -328,10 +328,12 @@ def test_bad_config_fails_fast_with_one_error_line_in_the_job_output(slurm, chec
 
 # (template, the moment SIGUSR1 arrives, what the job does): before training it trains one batch, saves and
 # requeues; at an epoch's last batch or in its validation it ends the epoch (validation included), saves and
-# requeues; while testing it finishes the tests, which are short; either way it ends COMPLETED with results.json
+# requeues; as the fit ends (after its last safe point) or while testing it finishes the tests, which are short;
+# either way it ends COMPLETED with results.json
 SIGNALLED = [("fit.sbatch", "setup", "requeue"), ("fit.sbatch", "sanity_check", "requeue"),
              ("fit.sbatch", "last_batch", "requeue"), ("fit.sbatch", "validation", "requeue"),
-             ("fit.sbatch", "testing", "finish"), ("clip_eval.sbatch", "testing", "finish")]
+             ("fit.sbatch", "train_end", "test"), ("fit.sbatch", "testing", "finish"),
+             ("clip_eval.sbatch", "testing", "finish")]
 
 
 @pytest.mark.slurm
@@ -362,6 +364,8 @@ def test_a_signal_at_any_moment_ends_completed_with_results(slurm, checkout):
                 assert record["Restarts"] == "1" and f"requeued SLURM job {job}" in out, out[-3000:]
                 assert re.search(r"restart 1 of this job: resuming from \S+/hpc_ckpt_1\.ckpt", out), out[-3000:]
             else:
-                assert record["Restarts"] == "0" and "received SIGUSR1: finishing the tests first" in out, out[-3000:]
+                assert record["Restarts"] == "0" and "requeued" not in out, out[-3000:]
+            if action == "finish":
+                assert "received SIGUSR1: finishing the tests first" in out, out[-3000:]
     finally:
         subprocess.run(["scancel", *jobs], env=slurm.env)

@@ -66,8 +66,9 @@ def final_state(folder) -> dict:
     ("last_batch", []),  # the epoch's training is done, its validation not yet run
     ("validation", []),  # the epoch's closing validation, at its first batch
     ("validation", ["--trainer.val_check_interval", "2"]),  # a validation in the middle of the epoch
+    ("epoch_end", []),  # the epoch-end hooks: early stopping, checkpoints
     ("last_batch", ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]),
-], ids=["last-batch", "epoch-end-validation", "mid-epoch-validation", "last-batch-ddp"])
+], ids=["last-batch", "epoch-end-validation", "mid-epoch-validation", "epoch-end-hooks", "last-batch-ddp"])
 def test_a_signal_around_validation_resumes_to_the_uninterrupted_fit(tmp_path, moment, extra):
     # Lightning stops after any validation batch but the last once its SIGTERM flag is set: the epoch then ends
     # without its validation, a resume skips it as done, and early stopping's check at the epoch end failed for
@@ -89,6 +90,20 @@ def test_a_signal_around_validation_resumes_to_the_uninterrupted_fit(tmp_path, m
     expected, final = final_state(tmp_path / "reference"), final_state(tmp_path / "resumed")
     assert final["step"] == expected["step"] == 12 and final["early_stopping"] == expected["early_stopping"]
     assert all(torch.equal(value, expected["weights"][key]) for key, value in final["weights"].items())
+
+
+@pytest.mark.slow
+def test_a_signal_as_the_fit_ends_stops_before_the_tests(tmp_path):
+    # after the fit loop's last safe point (on_train_end) nothing stops training any more: the command must not
+    # go on to test as if no signal had come, but stop as a signal during the tests does
+    result = signalled_fit(tmp_path, "train_end", "SIGTERM")
+    assert result.returncode == 130, result.stderr[-3000:]
+    (run,) = os.listdir(tmp_path / "quickstart")
+    folder = tmp_path / "quickstart" / run
+    assert last_line(result).startswith(f"interrupted by SIGTERM while testing: the checkpoints are kept in "
+                                        f"{folder / 'checkpoints'}; score one with python cli.py test")
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8  # the whole fit
+    assert not os.path.exists(folder / "results.json") and "Testing the" not in result.stdout
 
 
 @pytest.mark.slow
@@ -127,6 +142,32 @@ def test_sigterm_to_a_ddp_fit_stops_every_rank_after_the_same_batch(tmp_path, ta
     last = tmp_path / "quickstart" / run / "checkpoints" / "last.ckpt"
     assert last_line(result).startswith(f"interrupted by SIGTERM: saved {last}")
     assert 2 <= torch.load(last, weights_only=True)["global_step"] < 20  # stopped soon after the signal
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment,target", [("train_end", "rank0"), ("testing", "group")])
+def test_a_signal_to_a_ddp_command_after_training_stops_every_rank_with_one_line(tmp_path, moment, target):
+    # after training each rank stops at once by itself; a rank that stopped first broke the other's next collective,
+    # which ended in a gloo traceback and exit status 1
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    command = subprocess.Popen([sys.executable, "cli.py", "fit", *QUICK, "--trainer.strategy", "ddp",
+                                "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--log_dir", str(tmp_path),
+                                "--trainer.callbacks+", "tests.signal_at.SignalAt", "--trainer.callbacks.moment", moment,
+                                "--trainer.callbacks.signum", "SIGTERM", "--trainer.callbacks.target", target],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = command.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(command.pid, signal.SIGKILL)
+        pytest.fail(f"the DDP command hung after SIGTERM: {command.communicate()[1][-3000:]}")
+    assert command.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    (run,) = os.listdir(tmp_path / "quickstart")
+    folder = tmp_path / "quickstart" / run
+    line = (f"interrupted by SIGTERM while testing: the checkpoints are kept in {folder / 'checkpoints'}; score one "
+            f"with python cli.py test --config {folder / 'config.yaml'} --ckpt_path <checkpoint>")
+    assert line in stderr, stderr[-3000:]  # each rank ends with it (the two may share a line of the terminal)
+    assert "last.ckpt" in os.listdir(folder / "checkpoints") and not os.path.exists(folder / "results.json")
 
 
 def test_handlers_and_environment_are_restored_to_whatever_they_were(tmp_path):
