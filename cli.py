@@ -321,21 +321,15 @@ def run_cli(args=None, run: bool = True) -> ExperimentCLI:
                             seed_everything_default=0, parser_class=OneLineErrorParser,
                             save_config_kwargs={"overwrite": True}, args=args, run=run,
                             trainer_defaults={"use_distributed_sampler": False})
-    except (SIGTERMException, StopNow) as stop:  # a signal: SIGTERMException = stopped and saved at a safe point
-        discard_run_dirs(created_run_dirs, failed=True)
-        message, exit_code = interrupted_message(getattr(stop, "signum", None) or STOP.received)
-        raise CommandInterrupted(message, exit_code) from None
-    except Exception as error:
-        if STOP.received is not None and not STOP.under_slurm() and torch.distributed.is_initialized():
-            # a DDP rank signalled too: a rank that stopped at once (while testing, or as the fit ended) broke
-            # this one's next collective. The failure is the signal's doing: end as the stopped rank does
-            discard_run_dirs(created_run_dirs, failed=True)
-            message, exit_code = interrupted_message(STOP.received)
-            raise CommandInterrupted(message, exit_code) from None
-        user_error = user_error_in(error)
-        discard_run_dirs(created_run_dirs, failed=user_error is not None and not isinstance(user_error, TrainingDiverged))
-        raise
     except BaseException as error:
+        # a signal: SIGTERMException = stopped and saved at a safe point. Or a DDP rank signalled too, whose next
+        # collective a rank that stopped at once (while testing, or as the fit ended) broke: the signal's doing
+        if isinstance(error, (SIGTERMException, StopNow)) or (isinstance(error, Exception) and STOP.received is not None
+                                                             and not STOP.under_slurm()
+                                                             and torch.distributed.is_initialized()):
+            discard_run_dirs(created_run_dirs, failed=True)
+            message, exit_code = interrupted_message(getattr(error, "signum", None) or STOP.received)
+            raise CommandInterrupted(message, exit_code) from None
         user_error = user_error_in(error) if isinstance(error, Exception) else None
         discard_run_dirs(created_run_dirs, failed=user_error is not None and not isinstance(user_error, TrainingDiverged))
         raise
