@@ -9,6 +9,7 @@ import ctypes
 import glob
 import importlib
 import importlib.util
+import logging
 import os
 import sys
 import warnings
@@ -59,7 +60,36 @@ class OneLineErrorParser(LightningArgumentParser):
         # the run's config.yaml (SaveConfigCallback): validated when it was parsed; validating it again on the
         # way out cost ~25 ms of every fit (2/3 of the save)
         kwargs.setdefault("skip_validation", True)
-        return super().save(cfg, path, **kwargs)
+        return super().save(cfg, path, **_skip_unset(kwargs))
+
+    def dump(self, cfg, *args, **kwargs):
+        return super().dump(cfg, *args, **_skip_unset(kwargs))
+
+
+def _skip_unset(kwargs: dict) -> dict:
+    """Lightning 2.6 passes jsonargparse's `skip_none`, deprecated (a warning in every fit) for `skip_unset` since
+    jsonargparse 4.49 and gone in 5.0: the same setting under its new name."""
+    if "skip_none" in kwargs:
+        kwargs.setdefault("skip_unset", kwargs.pop("skip_none"))
+    return kwargs
+
+
+# Lightning's lines that tell a user of this CLI nothing: an advertisement, and that our own ModelSummary is used
+_CHATTER = ("💡 Tip: For seamless cloud logging", "Trainer already configured with model summary callbacks")
+
+
+def _not_chatter(record) -> bool:
+    return not (isinstance(record.msg, str) and record.msg.startswith(_CHATTER))
+
+
+def quiet_lightning_chatter() -> None:
+    """Drops `_CHATTER` from Lightning's rank-zero log, and torch 2.14's FutureWarning about the `LeafSpec` that
+    Lightning 2.6's batch-size helper (lightning.pytorch.utilities._pytree) still builds; idempotent."""
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # where every rank_zero_info goes
+    if _not_chatter not in log.filters:
+        log.addFilter(_not_chatter)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
 
 
 def with_safe_plugins(plugins) -> list:
@@ -313,6 +343,7 @@ def run_cli(args=None, run: bool = True) -> ExperimentCLI:
     keep_freed_memory()
     skip_absent_nvml()
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # tests pass args
+    quiet_lightning_chatter()
     argv = sys.argv[1:] if args is None else args
     _subcommand[0] = argv[0] if run and argv and not argv[0].startswith("-") else "fit"
     STOP.install()

@@ -93,6 +93,21 @@ def test_same_seed_gives_identical_metrics(tmp_path):
     assert len(os.listdir(tmp_path / "quickstart")) == 2  # two distinct run directories
 
 
+def test_a_fit_prints_no_deprecation_or_advertisement_from_the_libraries(tmp_path):
+    # a fresh process, so no warning was shown once already: jsonargparse's skip_none deprecation (Lightning's
+    # SaveConfigCallback passes it), torch's LeafSpec FutureWarning (Lightning's batch-size helper), Lightning's
+    # litlogger tip and its note that our ModelSummary replaces its default
+    result = run_cli("fit", "--config", "configs/quickstart.yaml", "--trainer.max_epochs", "1",
+                     "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
+                     "--log_dir", str(tmp_path), "--trainer.enable_progress_bar", "false")
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = result.stdout + result.stderr
+    for chatter in ("skip_none", "LeafSpec", "litlogger", "already configured with model summary", "Warning"):
+        assert chatter not in output, output
+    config = open(glob.glob(str(tmp_path / "quickstart" / "*" / "config.yaml"))[0]).read()
+    assert "ckpt_path: null" in config  # None values are still written (skip_none=False as skip_unset=False)
+
+
 def test_predict_and_validate_run_through_the_cli(tmp_path):
     for subcommand in ("validate", "predict"):
         run = cli.main([subcommand, "--config", "configs/quickstart.yaml", "--log_dir", str(tmp_path),
