@@ -76,6 +76,10 @@ def _skip_unset(kwargs: dict) -> dict:
 
 # Lightning's lines that tell a user of this CLI nothing: an advertisement, and that our own ModelSummary is used
 _CHATTER = ("💡 Tip: For seamless cloud logging", "Trainer already configured with model summary callbacks")
+# epoch-level values our modules and callbacks log already reduced across DDP ranks (torchmetrics' compute(); the
+# efficiency callback's rate counts every rank), which Lightning cannot tell from a rank's own value: it advised
+# `sync_dist=True` for each, 11 lines per DDP fit, a redundant all-reduce if followed
+_SYNCED = r"(val/|test/|train/acc|efficiency/)"
 
 
 def _not_chatter(record) -> bool:
@@ -83,13 +87,15 @@ def _not_chatter(record) -> bool:
 
 
 def quiet_lightning_chatter() -> None:
-    """Drops `_CHATTER` from Lightning's rank-zero log, and torch 2.14's FutureWarning about the `LeafSpec` that
-    Lightning 2.6's batch-size helper (lightning.pytorch.utilities._pytree) still builds; idempotent."""
+    """Drops `_CHATTER` from Lightning's rank-zero log, torch 2.14's FutureWarning about the `LeafSpec` that
+    Lightning 2.6's batch-size helper (lightning.pytorch.utilities._pytree) still builds, and Lightning's advice to
+    sync the `_SYNCED` values again under DDP; idempotent."""
     log = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # where every rank_zero_info goes
     if _not_chatter not in log.filters:
         log.addFilter(_not_chatter)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
+    warnings.filterwarnings("ignore", message=rf"It is recommended to use `self\.log\('{_SYNCED}")
 
 
 def with_safe_plugins(plugins) -> list:
@@ -270,13 +276,16 @@ class ExperimentCLI(LightningCLI):
         for tag, path in (("best", best), ("last", last)):
             if path and not (tag == "last" and same):
                 self.results.tag = tag
-                print(f"Testing the {tag} checkpoint: {path}")
+                if trainer.is_global_zero:  # once, not once per DDP rank
+                    print(f"Testing the {tag} checkpoint: {path}")
                 trainer.test(self.model, datamodule=self.datamodule, ckpt_path=path)
                 tested = True
         if same:  # testing restored the callback's state saved in the best checkpoint, which has no last.ckpt yet
             callback.best_model_path, callback.last_model_path = best, last
         if same and "best" in self.results.test:  # the best epoch was the last: one test pass scores both
-            print(f"The last checkpoint ({last}) holds the same step as the best: its test results are the best's")
+            if trainer.is_global_zero:
+                print(f"The last checkpoint ({last}) holds the same step as the best: its test results are the "
+                      "best's")
             self.results.test["last"] = dict(self.results.test["best"])
             if self.figures is not None and trainer.is_global_zero:
                 self.figures.write_last_confusion(trainer, self.model, same_as_best=True)

@@ -56,7 +56,8 @@ def ddp_fit(tmp_path_factory):
     """One 2-process fit (~40 s on 2 CPUs): staged unfreezing crosses a milestone at epoch 1."""
     tmp_path = tmp_path_factory.mktemp("ddp")
     write_mnist(str(tmp_path / "data"), n_train=67, n_test=N_TEST)
-    _cli("fit", "--config", _config(tmp_path, 2))
+    result = _cli("fit", "--config", _config(tmp_path, 2))
+    (tmp_path / "fit.out").write_text(result.stdout + result.stderr)
     runs = glob.glob(str(tmp_path / "logs" / "ddp" / "*"))
     assert len(runs) == 1  # both ranks used one run folder
     return tmp_path, runs[0]
@@ -71,6 +72,15 @@ def test_ddp_fit_with_staged_unfreezing_ends_with_identical_ranks(ddp_fit):
     assert not different, f"parameters differ between the ranks: {different}"
     efficiency = json.load(open(os.path.join(run, "results.json")))["efficiency"]
     assert list(efficiency["trainable_params_per_stage"]) == ["0", "1"]  # the milestone was crossed
+
+
+@pytest.mark.slow
+def test_ddp_fit_prints_each_line_once_without_advice_to_sync_synced_metrics(ddp_fit):
+    output = (ddp_fit[0] / "fit.out").read_text()
+    assert output.count("Testing the best checkpoint") == 1, output
+    assert output.count("Run directory:") == 1, output
+    # val/, test/ and train/acc come from torchmetrics' compute(), already reduced over the ranks
+    assert "sync_dist=True" not in output, output
 
 
 @pytest.mark.slow
