@@ -355,29 +355,33 @@ def run_cli(args=None, run: bool = True) -> ExperimentCLI:
     quiet_lightning_chatter()
     argv = sys.argv[1:] if args is None else args
     _subcommand[0] = argv[0] if run and argv and not argv[0].startswith("-") else "fit"
-    STOP.install()
-    try:
-        cli = ExperimentCLI(ClassificationModule, ImageDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                            seed_everything_default=0, parser_class=OneLineErrorParser,
-                            save_config_kwargs={"overwrite": True}, args=args, run=run,
-                            trainer_defaults={"use_distributed_sampler": False})
-    except BaseException as error:
-        # a signal: SIGTERMException = stopped and saved at a safe point. Or a DDP rank signalled too, whose next
-        # collective a rank that stopped at once (while testing, or as the fit ended) broke: the signal's doing
-        if isinstance(error, (SIGTERMException, StopNow)) or (isinstance(error, Exception) and STOP.received is not None
-                                                             and not STOP.under_slurm()
-                                                             and torch.distributed.is_initialized()):
-            discard_run_dirs(created_run_dirs, failed=True)
-            message, exit_code = interrupted_message(getattr(error, "signum", None) or STOP.received)
-            raise CommandInterrupted(message, exit_code) from None
-        user_error = user_error_in(error) if isinstance(error, Exception) else None
-        discard_run_dirs(created_run_dirs, failed=user_error is not None and not isinstance(user_error, TrainingDiverged))
-        raise
-    finally:
-        STOP.restore()
-        forget_run_version()
-    discard_run_dirs(created_run_dirs, failed=False, smoke_test=run and getattr(cli, "trainer", None) is not None
-                     and bool(cli.trainer.fast_dev_run))
+    with warnings.catch_warnings():  # the filters below end with the command (a notebook runs several)
+        if _subcommand[0] != "fit":  # a checkpoint's top-k bookkeeping that a test/validate/predict never uses
+            warnings.filterwarnings("ignore", message="The dirpath has changed from")
+        STOP.install()
+        try:
+            cli = ExperimentCLI(ClassificationModule, ImageDataModule, subclass_mode_model=True,
+                                subclass_mode_data=True, seed_everything_default=0, parser_class=OneLineErrorParser,
+                                save_config_kwargs={"overwrite": True}, args=args, run=run,
+                                trainer_defaults={"use_distributed_sampler": False})
+        except BaseException as error:
+            # a signal: SIGTERMException = stopped and saved at a safe point. Or a DDP rank signalled too, whose next
+            # collective a rank that stopped at once (while testing, or as the fit ended) broke: the signal's doing
+            if isinstance(error, (SIGTERMException, StopNow)) or (
+                    isinstance(error, Exception) and STOP.received is not None and not STOP.under_slurm()
+                    and torch.distributed.is_initialized()):
+                discard_run_dirs(created_run_dirs, failed=True)
+                message, exit_code = interrupted_message(getattr(error, "signum", None) or STOP.received)
+                raise CommandInterrupted(message, exit_code) from None
+            user_error = user_error_in(error) if isinstance(error, Exception) else None
+            discard_run_dirs(created_run_dirs,
+                             failed=user_error is not None and not isinstance(user_error, TrainingDiverged))
+            raise
+        finally:
+            STOP.restore()
+            forget_run_version()
+        discard_run_dirs(created_run_dirs, failed=False, smoke_test=run and getattr(cli, "trainer", None) is not None
+                         and bool(cli.trainer.fast_dev_run))
     return cli
 
 

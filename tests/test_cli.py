@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -106,6 +107,19 @@ def test_a_fit_prints_no_deprecation_or_advertisement_from_the_libraries(tmp_pat
         assert chatter not in output, output
     config = open(glob.glob(str(tmp_path / "quickstart" / "*" / "config.yaml"))[0]).read()
     assert "ckpt_path: null" in config  # None values are still written (skip_none=False as skip_unset=False)
+
+
+def test_testing_another_runs_checkpoint_gives_no_checkpoint_bookkeeping_warning(tmp_path):
+    quick = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2", "--log_dir", str(tmp_path),
+             "--trainer.enable_progress_bar", "false", "--figures.enabled", "false"]
+    run = cli.main(["fit", "--config", "configs/quickstart.yaml", "--trainer.max_epochs", "1", *quick])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli.main(["test", "--config", os.path.join(run.trainer.log_dir, "config.yaml"), *quick,
+                  "--ckpt_path", run.trainer.checkpoint_callback.last_model_path])
+    # Lightning: "The dirpath has changed from ... won't be reloaded", about top-k state a test never uses
+    assert not [w for w in caught if "dirpath has changed" in str(w.message)]
+    assert not [f for f in warnings.filters if f[1] is not None and "dirpath" in f[1].pattern]  # scoped to the command
 
 
 def test_predict_and_validate_run_through_the_cli(tmp_path):
