@@ -24,6 +24,23 @@ def test_stored_without_outputs(path):
                        "(JupyterLab: Edit > Clear Outputs of All Cells)")
 
 
+def _setup_cell(path) -> str:
+    return next(cell.source for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code")
+
+
+def test_the_setup_cell_outside_a_checkout_asks_for_the_repository_url_before_cloning(tmp_path):
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    assert len({_setup_cell(path) for path in NOTEBOOKS}) == 1  # the same first cell in every notebook
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(_setup_cell(NOTEBOOKS[0]))])
+    client = NotebookClient(notebook, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}})  # a fresh Colab: no cli.py around
+    with pytest.raises(CellExecutionError, match="set REPO_URL in this cell"):
+        client.execute()
+    assert os.listdir(tmp_path) == []  # nothing cloned, nothing installed
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_runs_in_smoke_mode(path, tmp_path, monkeypatch):
