@@ -25,6 +25,23 @@ def signalled_fit(tmp_path, moment: str, signum: str, *extra: str) -> subprocess
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+def signalled_ddp_fit(tmp_path, moment: str, target: str, *extra: str) -> subprocess.CompletedProcess:
+    """A Lightning-launched 2-rank gloo fit sent SIGTERM at `moment` (to rank 0, or to the group); it may not hang."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    command = subprocess.Popen([sys.executable, "cli.py", "fit", *QUICK, *extra, "--trainer.strategy", "ddp",
+                                "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--log_dir", str(tmp_path),
+                                "--trainer.callbacks+", "tests.signal_at.SignalAt", "--trainer.callbacks.moment", moment,
+                                "--trainer.callbacks.signum", "SIGTERM", "--trainer.callbacks.target", target],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # its own process group: the ranks, and nothing of pytest's
+    try:
+        stdout, stderr = command.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(command.pid, signal.SIGKILL)  # every rank
+        pytest.fail(f"the DDP command hung after SIGTERM at {moment}: {command.communicate()[1][-3000:]}")
+    return subprocess.CompletedProcess(command.args, command.returncode, stdout, stderr)
+
+
 def last_line(result) -> str:
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     return result.stderr.strip().splitlines()[-1]
@@ -123,20 +140,7 @@ def test_ctrl_c_while_testing_keeps_the_checkpoints_and_names_them(tmp_path):
 def test_sigterm_to_a_ddp_fit_stops_every_rank_after_the_same_batch(tmp_path, target):
     # Lightning-launched DDP (2 ranks, gloo): `kill <pid>` reaches rank 0, which passes it on to rank 1;
     # `kill -- -<pgid>` reaches both ranks, and rank 1 a second time from rank 0. Neither may hang
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    command = subprocess.Popen([sys.executable, "cli.py", "fit", *QUICK, "--trainer.limit_train_batches", "20",
-                                "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
-                                "--log_dir", str(tmp_path), "--trainer.callbacks+", "tests.signal_at.SignalAt",
-                                "--trainer.callbacks.moment", "training", "--trainer.callbacks.signum", "SIGTERM",
-                                "--trainer.callbacks.target", target],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)  # its own process group: the ranks, and nothing of pytest's
-    try:
-        stdout, stderr = command.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(command.pid, signal.SIGKILL)  # every rank
-        pytest.fail(f"the DDP fit hung after SIGTERM: {command.communicate()[1][-3000:]}")
-    result = subprocess.CompletedProcess(command.args, command.returncode, stdout, stderr)
+    result = signalled_ddp_fit(tmp_path, "training", target, "--trainer.limit_train_batches", "20")
     assert result.returncode == 130, result.stderr[-3000:]
     (run,) = os.listdir(tmp_path / "quickstart")
     last = tmp_path / "quickstart" / run / "checkpoints" / "last.ckpt"
@@ -149,19 +153,9 @@ def test_sigterm_to_a_ddp_fit_stops_every_rank_after_the_same_batch(tmp_path, ta
 def test_a_signal_to_a_ddp_command_after_training_stops_every_rank_with_one_line(tmp_path, moment, target):
     # after training each rank stops at once by itself; a rank that stopped first broke the other's next collective,
     # which ended in a gloo traceback and exit status 1
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    command = subprocess.Popen([sys.executable, "cli.py", "fit", *QUICK, "--trainer.strategy", "ddp",
-                                "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--log_dir", str(tmp_path),
-                                "--trainer.callbacks+", "tests.signal_at.SignalAt", "--trainer.callbacks.moment", moment,
-                                "--trainer.callbacks.signum", "SIGTERM", "--trainer.callbacks.target", target],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    try:
-        stdout, stderr = command.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(command.pid, signal.SIGKILL)
-        pytest.fail(f"the DDP command hung after SIGTERM: {command.communicate()[1][-3000:]}")
-    assert command.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    result = signalled_ddp_fit(tmp_path, moment, target)
+    stderr = result.stderr
+    assert result.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
     (run,) = os.listdir(tmp_path / "quickstart")
     folder = tmp_path / "quickstart" / run
     line = (f"interrupted by SIGTERM while testing: the checkpoints are kept in {folder / 'checkpoints'}; score one "
