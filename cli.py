@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.plugins.environments import ClusterEnvironment, SLURMEnvironment
+from lightning.pytorch.plugins.environments import ClusterEnvironment, SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -102,7 +102,7 @@ def with_safe_plugins(plugins) -> list:
     """The trainer's plugins plus ours where the user chose none of that kind: SafeCheckpointIO (checkpoints written
     beside their target; a full disk is one line) and, under SLURM, SLURMEnvironment without Lightning's own
     requeue (SafeInterrupt requeues safely). A user's own CheckpointIO or cluster environment is kept as it is."""
-    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    plugins = _as_list(plugins)
     if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
         plugins.append(SafeCheckpointIO())
     if os.environ.get("SLURM_JOB_ID") and not any(isinstance(plugin, ClusterEnvironment) for plugin in plugins):
@@ -178,6 +178,7 @@ class ExperimentCLI(LightningCLI):
                 isinstance(c, ProgressBar) for c in (configured if isinstance(configured, list) else [configured])):
             extra_callbacks.append(LossProgressBar())  # tqdm every 5 batches, the loss without a per-step sync
         kwargs["plugins"] = with_safe_plugins(trainer_init.get("plugins"))
+        torchrun_devices(trainer_config.devices, trainer_config.num_nodes, kwargs)
         return self._instantiate_trainer({**trainer_init, **kwargs}, extra_callbacks)
 
     @staticmethod
@@ -297,6 +298,39 @@ class ExperimentCLI(LightningCLI):
     def after_test(self) -> None:
         if not self.trainer.fast_dev_run and self.trainer.is_global_zero and run_dir_of(self.trainer):
             self._write_results()
+
+
+def torchrun_devices(devices, num_nodes: int, kwargs: dict) -> None:
+    """Under torchrun, which starts the processes itself, Lightning takes `devices` x `num_nodes` to be torchrun's
+    world size without checking (its check is in its own launcher): `devices: auto` on a CPU means 1, and each process
+    then trained a model of its own into the same run folder. Here `auto` becomes torchrun's processes per node (and
+    `num_nodes` its node count, when left at 1); numbers that disagree with torchrun's are one error line."""
+    if not TorchElasticEnvironment.detect() or any(isinstance(plugin, ClusterEnvironment)  # the user's, or SLURM's
+                                                   for plugin in kwargs["plugins"]):
+        return
+    world = int(os.environ["WORLD_SIZE"])
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if devices in ("auto", None):
+        kwargs["devices"] = per_node
+        if num_nodes == 1:
+            kwargs["num_nodes"] = max(1, world // per_node)
+        return
+    if isinstance(devices, (list, tuple)):
+        count = len(devices)
+    elif (isinstance(devices, int) and devices >= 0) or (isinstance(devices, str) and devices.strip().isdigit()):
+        count = int(devices)
+    elif isinstance(devices, str) and "," in devices:
+        count = len([d for d in devices.split(",") if d.strip()])
+    else:  # -1 (every GPU) and the like: Lightning's own reading
+        return
+    if count * num_nodes != world:
+        raise UserError(f"torchrun started {world} processes, but --trainer.devices {devices} x --trainer.num_nodes "
+                        f"{num_nodes} = {count * num_nodes}: each would train a model of its own; leave "
+                        f"--trainer.devices at auto, or set it to torchrun's --nproc_per_node ({per_node})")
+
+
+def _as_list(plugins) -> list:
+    return [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
 
 
 def saved_step(path: str) -> Optional[int]:

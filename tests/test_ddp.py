@@ -10,8 +10,11 @@ import sys
 import pytest
 import torch
 import yaml
+from lightning.pytorch.plugins.environments import LightningEnvironment
 
+import cli
 from datamodules.loader import EpochBatchSampler
+from errors import UserError
 from lightning_modules import CNN
 from tests.conftest import ROOT
 from tests.fixtures import write_mnist
@@ -128,7 +131,8 @@ def test_ddp_test_of_a_checkpoint_matches_one_process(ddp_fit):
 def test_torchrun_ranks_share_one_run_folder(tmp_path):
     """torchrun starts every rank itself (no RUN_VERSION inherited from rank 0). Folders named after the next
     minutes' timestamps already exist, so rank 0 claims `<timestamp>-2`; a rank that picked its own timestamp
-    would land in `<timestamp>`."""
+    would land in `<timestamp>`. Devices and strategy are left at auto: on a CPU that once meant 1 device, and
+    each torchrun process trained a model of its own (both as rank 0) into the one folder."""
     write_mnist(str(tmp_path / "data"), n_train=67, n_test=N_TEST)
     config = _config(tmp_path, 2)
     now = datetime.datetime.now()
@@ -137,12 +141,49 @@ def test_torchrun_ranks_share_one_run_folder(tmp_path):
     env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_port", str(29500 + os.getpid() % 1000 + 1), "cli.py", "fit", "--config", config,
-                             "--trainer.max_epochs", "1"], cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"},
+                             "--trainer.max_epochs", "1", "--trainer.devices", "auto", "--trainer.strategy", "auto"],
+                            cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"},
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dirs = {c["run_dir"] for c in _counts(tmp_path / "probe2", "fit")}
     assert len(run_dirs) == 1 and next(iter(run_dirs)).endswith("-2"), run_dirs
     assert len(_counts(tmp_path / "probe2", "fit")) == 2
+    ranks = [torch.load(tmp_path / "probe2" / f"fit-rank{r}.pt") for r in (0, 1)]
+    assert all(torch.equal(ranks[0][name], ranks[1][name]) for name in ranks[0])  # one model, trained together
+
+
+@pytest.mark.parametrize("devices, num_nodes, expected", [
+    ("auto", 1, {"devices": 2, "num_nodes": 2}), (None, 1, {"devices": 2, "num_nodes": 2}),
+    ("auto", 2, {"devices": 2}), (2, 2, {}), ("2", 2, {}), ([0, 1], 2, {}), ("0,1", 2, {}), (-1, 1, {})])
+def test_devices_under_torchrun_follow_its_process_count(monkeypatch, devices, num_nodes, expected):
+    # torchrun --nnodes 2 --nproc_per_node 2: WORLD_SIZE 4, LOCAL_WORLD_SIZE 2
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    kwargs = {"plugins": []}
+    cli.torchrun_devices(devices, num_nodes, kwargs)
+    assert kwargs == {"plugins": [], **expected}
+
+
+@pytest.mark.parametrize("devices, num_nodes", [(1, 1), ("1", 2), (2, 1), ([0], 2), (4, 2)])
+def test_devices_that_disagree_with_torchrun_are_one_error_line(monkeypatch, devices, num_nodes):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(UserError, match=r"torchrun started 4 processes, .*--nproc_per_node \(2\)"):
+        cli.torchrun_devices(devices, num_nodes, {"plugins": []})
+
+
+def test_devices_outside_torchrun_or_with_a_chosen_cluster_environment_are_left_alone(monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    kwargs = {"plugins": []}
+    cli.torchrun_devices("auto", 1, kwargs)
+    assert kwargs == {"plugins": []}
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    kwargs = {"plugins": [LightningEnvironment()]}
+    cli.torchrun_devices(1, 1, kwargs)  # the user's own environment: Lightning's reading, no check here
+    assert list(kwargs) == ["plugins"]
 
 
 @pytest.mark.parametrize("num_samples", [0, 1, 5, 13, 16])

@@ -25,20 +25,24 @@ def signalled_fit(tmp_path, moment: str, signum: str, *extra: str) -> subprocess
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def signalled_ddp_fit(tmp_path, moment: str, target: str, *extra: str) -> subprocess.CompletedProcess:
-    """A Lightning-launched 2-rank gloo fit sent SIGTERM at `moment` (to rank 0, or to the group); it may not hang."""
+def signalled_ddp_fit(tmp_path, moment: str, target: str, *extra: str, signum: str = "SIGTERM",
+                      torchrun: bool = False) -> subprocess.CompletedProcess:
+    """A 2-rank gloo fit, launched by Lightning (or torchrun), sent `signum` at `moment` (to rank 0, or to the
+    process group); it may not hang."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    command = subprocess.Popen([sys.executable, "cli.py", "fit", *QUICK, *extra, "--trainer.strategy", "ddp",
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(29500 + os.getpid() % 1000 + 2), "cli.py"] if torchrun else [sys.executable, "cli.py"])
+    command = subprocess.Popen([*launch, "fit", *QUICK, *extra, "--trainer.strategy", "ddp",
                                 "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--log_dir", str(tmp_path),
                                 "--trainer.callbacks+", "tests.signal_at.SignalAt", "--trainer.callbacks.moment", moment,
-                                "--trainer.callbacks.signum", "SIGTERM", "--trainer.callbacks.target", target],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                "--trainer.callbacks.signum", signum, "--trainer.callbacks.target", target],
+                               cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"} if torchrun else env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)  # its own process group: the ranks, and nothing of pytest's
     try:
         stdout, stderr = command.communicate(timeout=240)
     except subprocess.TimeoutExpired:
         os.killpg(command.pid, signal.SIGKILL)  # every rank
-        pytest.fail(f"the DDP command hung after SIGTERM at {moment}: {command.communicate()[1][-3000:]}")
+        pytest.fail(f"the DDP command hung after {signum} at {moment}: {command.communicate()[1][-3000:]}")
     return subprocess.CompletedProcess(command.args, command.returncode, stdout, stderr)
 
 
@@ -146,6 +150,21 @@ def test_sigterm_to_a_ddp_fit_stops_every_rank_after_the_same_batch(tmp_path, ta
     last = tmp_path / "quickstart" / run / "checkpoints" / "last.ckpt"
     assert last_line(result).startswith(f"interrupted by SIGTERM: saved {last}")
     assert 2 <= torch.load(last, weights_only=True)["global_step"] < 20  # stopped soon after the signal
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_a_torchrun_fit_stops_both_ranks_after_the_same_batch(tmp_path, signum):
+    # a terminal's Ctrl-C or a scheduler's SIGTERM reaches torchrun's agent and both ranks; the agent passes it on
+    # again, and ends the other rank when one exits (torchrun reports exit status 130 as a failure: its own words)
+    result = signalled_ddp_fit(tmp_path, "training", "group", "--trainer.limit_train_batches", "20", signum=signum,
+                               torchrun=True)
+    assert result.returncode != 0
+    (run,) = os.listdir(tmp_path / "quickstart")
+    last = tmp_path / "quickstart" / run / "checkpoints" / "last.ckpt"
+    assert f"interrupted by {signum}: saved {last}; resume with" in result.stderr, result.stderr[-3000:]
+    assert 2 <= torch.load(last, weights_only=True)["global_step"] < 20  # stopped soon after the signal
+    assert os.listdir(last.parent) == ["last.ckpt"] and not os.path.exists(last.parent.parent / "results.json")
 
 
 @pytest.mark.slow
