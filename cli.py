@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import ClusterEnvironment, SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.checkpoint_io import SafeCheckpointIO
@@ -179,7 +180,17 @@ class ExperimentCLI(LightningCLI):
             extra_callbacks.append(LossProgressBar())  # tqdm every 5 batches, the loss without a per-step sync
         kwargs["plugins"] = with_safe_plugins(trainer_init.get("plugins"))
         torchrun_devices(trainer_config.devices, trainer_config.num_nodes, kwargs)
-        return self._instantiate_trainer({**trainer_init, **kwargs}, extra_callbacks)
+        trainer = self._instantiate_trainer({**trainer_init, **kwargs}, extra_callbacks)
+        if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+            # ddp_spawn, ddp_fork, ddp_notebook (Lightning's choice for several devices in a notebook): the ranks run
+            # in child processes that hand back rank 0's weights and callback_metrics only; the tests' results,
+            # last.ckpt and the efficiency figures stayed there (results.json came out empty), and spawn could
+            # not even pickle this CLI
+            strategy = trainer_config.strategy if trainer_config.strategy != "auto" else "auto (ddp_fork here)"
+            raise UserError(f"--trainer.strategy {strategy} runs the ranks in child processes of this one, whose "
+                            "test results do not come back; use --trainer.strategy ddp from a terminal (or "
+                            "torchrun), or in a notebook a cell of its own: !python cli.py fit ... --trainer.devices N")
+        return trainer
 
     @staticmethod
     def _check_precision(precision: str, accelerator, kwargs: dict) -> None:

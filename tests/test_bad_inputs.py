@@ -87,6 +87,10 @@ CASES = {
     "zero epochs": (["--trainer.max_epochs", "0"], "trainer.max_epochs=0 is out of range"),
     "gpu without a gpu": (["--trainer.accelerator", "gpu"], "no CUDA GPU; use --trainer.accelerator auto"),
     "missing checkpoint": (["--ckpt_path", "/nonexistent/last.ckpt"], "checkpoint /nonexistent/last.ckpt does not exist"),
+    # the ranks in child processes: results.json came out empty (fork), or the CLI failed to pickle (spawn)
+    **{f"strategy {name}": (["--trainer.strategy", name, "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
+                            f"--trainer.strategy {name} runs the ranks in child processes of this one")
+       for name in ("ddp_spawn", "ddp_fork", "ddp_notebook")},
 }
 
 

@@ -42,6 +42,23 @@ def test_the_setup_cell_outside_a_checkout_asks_for_the_repository_url_before_cl
 
 
 @pytest.mark.slow
+def test_several_devices_in_a_notebook_are_one_error_not_an_empty_results_file(tmp_path):
+    # Lightning picks ddp_fork there: the ranks ran in forked children and results.json came out with no tests
+    from nbclient import NotebookClient
+
+    code = (f"import os, sys\nos.chdir({ROOT!r}); sys.path.insert(0, {ROOT!r})\nimport api\n"
+            "try:\n"
+            f"    api.fit('configs/quickstart.yaml', **{{'trainer.devices': 2, 'trainer.accelerator': 'cpu', "
+            f"'log_dir': {str(tmp_path)!r}}})\n"
+            "except api.UserError as error:\n    print('UserError:', error)\n")
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    NotebookClient(notebook, timeout=300, kernel_name="python3").execute()
+    text = "".join(output.get("text", "") for output in notebook.cells[0].outputs)
+    assert "UserError: --trainer.strategy auto (ddp_fork here) runs the ranks in child processes" in text, text
+    assert os.listdir(tmp_path / "quickstart") == []  # the run folder it had claimed is removed
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_runs_in_smoke_mode(path, tmp_path, monkeypatch):
     """nbclient starts the `python3` kernel; jupyter_client runs a kernel.json whose command is `python` with this
