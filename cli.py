@@ -16,6 +16,7 @@ import warnings
 from typing import Optional
 
 import torch
+from lightning.fabric.utilities.imports import _IS_INTERACTIVE
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -180,6 +181,7 @@ class ExperimentCLI(LightningCLI):
             extra_callbacks.append(LossProgressBar())  # tqdm every 5 batches, the loss without a per-step sync
         kwargs["plugins"] = with_safe_plugins(trainer_init.get("plugins"))
         torchrun_devices(trainer_config.devices, trainer_config.num_nodes, kwargs)
+        one_gpu_in_a_notebook(trainer_config, kwargs)
         trainer = self._instantiate_trainer({**trainer_init, **kwargs}, extra_callbacks)
         if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
             # ddp_spawn, ddp_fork, ddp_notebook (Lightning's choice for several devices in a notebook): the ranks run
@@ -338,6 +340,18 @@ def torchrun_devices(devices, num_nodes: int, kwargs: dict) -> None:
         raise UserError(f"torchrun started {world} processes, but --trainer.devices {devices} x --trainer.num_nodes "
                         f"{num_nodes} = {count * num_nodes}: each would train a model of its own; leave "
                         f"--trainer.devices at auto, or set it to torchrun's --nproc_per_node ({per_node})")
+
+
+def one_gpu_in_a_notebook(trainer_config, kwargs: dict) -> None:
+    """In a notebook Lightning runs several devices by forking the kernel, which instantiate_trainer refuses (the
+    ranks' results would not come back): there `devices: auto` on a machine with several GPUs trains on one of them,
+    with a note, instead of stopping every notebook cell on a 2-GPU machine."""
+    if (not _IS_INTERACTIVE or trainer_config.devices not in ("auto", None) or "devices" in kwargs
+            or trainer_config.accelerator not in ("auto", "gpu", "cuda") or torch.cuda.device_count() < 2):
+        return
+    kwargs["devices"] = 1
+    print(f"note: a notebook trains on one of the {torch.cuda.device_count()} GPUs (devices: auto); for DDP over "
+          "them run it in a cell of its own: !python cli.py fit ... --trainer.devices N", file=sys.stderr)
 
 
 def _as_list(plugins) -> list:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -245,3 +246,16 @@ def test_throughput_counts_training_time_only(monkeypatch):
     monitor.on_train_epoch_end(trainer, model)
     assert monitor.train_seconds == 2.0  # 12 s of epoch minus 10 s of validation
     assert model.logged == ("efficiency/images_per_s", 10 * 2 / 2.0)
+
+
+@pytest.mark.parametrize("interactive, devices, accelerator, gpus, expected", [
+    (True, "auto", "auto", 2, 1), (True, "auto", "gpu", 4, 1), (True, 2, "auto", 2, None), (True, "auto", "cpu", 2, None),
+    (True, "auto", "auto", 1, None), (False, "auto", "auto", 2, None)])
+def test_a_notebook_on_several_gpus_trains_on_one_unless_told_otherwise(monkeypatch, capsys, interactive, devices,
+                                                                         accelerator, gpus, expected):
+    monkeypatch.setattr(cli, "_IS_INTERACTIVE", interactive)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    kwargs = {}
+    cli.one_gpu_in_a_notebook(types.SimpleNamespace(devices=devices, accelerator=accelerator), kwargs)
+    assert kwargs.get("devices") == expected
+    assert ("note: a notebook trains on one of the" in capsys.readouterr().err) == (expected == 1)
