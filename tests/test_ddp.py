@@ -249,8 +249,8 @@ def test_throughput_counts_training_time_only(monkeypatch):
 
 
 @pytest.mark.parametrize("interactive, devices, accelerator, gpus, expected", [
-    (True, "auto", "auto", 2, 1), (True, "auto", "gpu", 4, 1), (True, 2, "auto", 2, None), (True, "auto", "cpu", 2, None),
-    (True, "auto", "auto", 1, None), (False, "auto", "auto", 2, None)])
+    (True, "auto", "auto", 2, 1), (True, "auto", "gpu", 4, 1), (True, 2, "auto", 2, None),
+    (True, "auto", "cpu", 2, None), (True, "auto", "auto", 1, None), (False, "auto", "auto", 2, None)])
 def test_a_notebook_on_several_gpus_trains_on_one_unless_told_otherwise(monkeypatch, capsys, interactive, devices,
                                                                          accelerator, gpus, expected):
     monkeypatch.setattr(cli, "_IS_INTERACTIVE", interactive)
