@@ -147,7 +147,7 @@ def _run(subcommand: str, configs: Sequence[PathLike], overrides: dict[str, Any]
     if not configs:
         raise UserError(f"{subcommand}() needs a config, e.g. {subcommand}(\"configs/quickstart.yaml\")")
     try:
-        experiment = run_cli(command_line(subcommand, configs, overrides))
+        experiment = run_cli(command_line(subcommand, configs, overrides), from_api=True)  # a stop says api.fit(...)
     except Exception as error:
         found = user_error_in(error)
         if found is None or found is error:

@@ -403,7 +403,7 @@ def skip_absent_nvml() -> bool:
         return True
 
 
-def run_cli(args=None, run: bool = True) -> ExperimentCLI:
+def run_cli(args=None, run: bool = True, from_api: bool = False) -> ExperimentCLI:
     """The whole command, raising instead of exiting: a UserError for a mistake the user can fix,
     CommandInterrupted after a signal (callbacks/safety.py says what a signal does at each moment). What a
     failed command created and cannot resume from is removed."""
@@ -430,7 +430,7 @@ def run_cli(args=None, run: bool = True) -> ExperimentCLI:
                     isinstance(error, Exception) and STOP.received is not None and not STOP.under_slurm()
                     and torch.distributed.is_initialized()):
                 discard_run_dirs(created_run_dirs, failed=True)
-                message, exit_code = interrupted_message(getattr(error, "signum", None) or STOP.received)
+                message, exit_code = interrupted_message(getattr(error, "signum", None) or STOP.received, from_api)
                 raise CommandInterrupted(message, exit_code) from None
             user_error = user_error_in(error) if isinstance(error, Exception) else None
             discard_run_dirs(created_run_dirs,

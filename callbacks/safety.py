@@ -289,7 +289,7 @@ class SafeInterrupt(pl.Callback):
             path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
         else:
             path = os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
-        trainer.save_checkpoint(path)  # written to a temp file and moved: never half-written
+        trainer.save_checkpoint(path, weights_only=False)  # to a temp file, then moved: never half-written
         STOP.saved = path
         print(f"saved {path} at step {trainer.global_step}", file=sys.stderr, flush=True)
         if STOP.requeue:  # the requeue SIGTERMs every rank; under DDP Lightning's handler would broadcast to dead ranks
@@ -302,22 +302,28 @@ class SafeInterrupt(pl.Callback):
                   f"could not requeue SLURM job {job}: {result.stderr.strip()}", file=sys.stderr, flush=True)
 
 
-def interrupted_message(signum: int | None) -> tuple[str, int]:
-    """The one line (and exit status) a stopped command ends with, saying what was saved and how to go on."""
+def interrupted_message(signum: int | None, api: bool = False) -> tuple[str, int]:
+    """The one line (and exit status) a stopped command ends with, saying what was saved and how to go on (with
+    api.py's calls when `api`: a notebook's user goes on in the notebook)."""
     run_dir = STOP.run_dir
     name = signal.Signals(signum).name if signum else "a signal"
+
+    def command(subcommand: str, config: str, checkpoint: str) -> str:
+        if api:
+            return f"api.{subcommand}({config!r}, ckpt_path={checkpoint!r})".replace("'<checkpoint>'", "<checkpoint>")
+        return f"python cli.py {subcommand} --config {config} --ckpt_path {checkpoint}"
+
     if STOP.saved and STOP.under_slurm():
         return (f"stopped by {name}: saved {STOP.saved}; " +
                 ("the job was requeued and resumes there" if STOP.requeue else
                  "a requeued job resumes there"), 0)
     if STOP.saved:
         config = os.path.join(run_dir, "config.yaml") if run_dir else "<run dir>/config.yaml"
-        return (f"interrupted by {name}: saved {STOP.saved}; resume with python cli.py fit --config {config} "
-                f"--ckpt_path {STOP.saved}", 130)
+        return f"interrupted by {name}: saved {STOP.saved}; resume with {command('fit', config, STOP.saved)}", 130
     if run_dir and _has_checkpoints(run_dir):
         return (f"interrupted by {name} while {'testing' if STOP.phase == 'testing' else STOP.phase}: the "
-                f"checkpoints are kept in {os.path.join(run_dir, 'checkpoints')}; score one with python cli.py test "
-                f"--config {os.path.join(run_dir, 'config.yaml')} --ckpt_path <checkpoint>", 130)
+                f"checkpoints are kept in {os.path.join(run_dir, 'checkpoints')}; score one with "
+                f"{command('test', os.path.join(run_dir, 'config.yaml'), '<checkpoint>')}", 130)
     return f"interrupted by {name} before training started: nothing to save", 130
 
 

@@ -6,7 +6,7 @@ import pytest
 from matplotlib.figure import Figure
 
 import api
-from errors import UserError
+from errors import CommandInterrupted, UserError
 
 
 @pytest.fixture(autouse=True)
@@ -59,6 +59,21 @@ def test_fit_returns_the_run_and_test_reuses_its_checkpoint(data_dir, tmp_path, 
     assert isinstance(markdown, str) and markdown._repr_markdown_() == markdown
     assert "fashion_mnist_cnn" in markdown and "| fashion_mnist |" in markdown
     assert api.report(tmp_path) == api.report([run, tested])  # a folder: every results.json under it
+
+
+def test_an_interrupted_fit_says_how_to_resume_with_the_api_and_that_call_resumes(tmp_path):
+    # a notebook's Kernel > Interrupt is a SIGINT to the kernel, here to this process at the fit's second step
+    quick = {"trainer.max_epochs": 2, "trainer.limit_train_batches": 4, "trainer.limit_val_batches": 2,
+             "trainer.enable_progress_bar": False, "figures.enabled": False, "log_dir": str(tmp_path)}
+    with pytest.raises(CommandInterrupted) as stopped:
+        api.fit("configs/quickstart.yaml", **quick, **{"trainer.callbacks+": "tests.signal_at.SignalAt",
+                                                       "trainer.callbacks.moment": "training"})
+    (run,) = (tmp_path / "quickstart").iterdir()
+    config, last = str(run / "config.yaml"), str(run / "checkpoints" / "last.ckpt")
+    assert str(stopped.value) == (f"interrupted by SIGINT: saved {last}; resume with "
+                                  f"api.fit({config!r}, ckpt_path={last!r})")
+    resumed = api.fit(config, ckpt_path=last)  # the line's call, as it stands
+    assert resumed.run_dir != run and resumed.results["efficiency"]["epochs"] == 2
 
 
 def test_forced_smoke_overrides_switch_the_data(tmp_path):

@@ -72,6 +72,7 @@ def test_a_signal_while_training_saves_last_and_says_how_to_resume(tmp_path, mom
     step = torch.load(last, weights_only=True)["global_step"]
     assert step == (2 if moment == "training" else 4)  # validation runs after the 4th batch: stop after it
     assert not os.path.exists(tmp_path / "quickstart" / run / "results.json")
+    assert "weights_only" not in result.stderr + result.stdout  # Lightning's note on a save that did not say
 
 
 def final_state(folder) -> dict:
