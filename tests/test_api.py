@@ -114,7 +114,7 @@ def test_wrapped_user_errors_are_unwrapped_and_interrupts_pass_through(monkeypat
     import cli
     from errors import CommandInterrupted
 
-    def wrapped(args):  # what jsonargparse does to an error raised in a class's __init__
+    def wrapped(args, **_):  # what jsonargparse does to an error raised in a class's __init__
         try:
             raise UserError("data.split: unknown EMNIST split; choose one of byclass, ...")
         except UserError as error:
@@ -124,7 +124,7 @@ def test_wrapped_user_errors_are_unwrapped_and_interrupts_pass_through(monkeypat
     with pytest.raises(UserError, match="^data.split: unknown EMNIST split; choose one of byclass, ...$"):
         api.fit("configs/quickstart.yaml")
 
-    def interrupted(args):
+    def interrupted(args, **_):
         raise CommandInterrupted("interrupted: stopped at a safe point")
 
     monkeypatch.setattr(cli, "run_cli", interrupted)
