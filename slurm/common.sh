@@ -2,6 +2,9 @@
 set -euo pipefail
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}     # torch would otherwise start a thread per core of the node
 export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}  # srun of Slurm 22.05-23.02 does not inherit --cpus-per-task
+# a task that fails ends the whole srun step at once: its DDP peers would otherwise wait in their next collective
+# (NCCL: until its 30-minute timeout; a stuck rank: until the time limit), holding every GPU of the job
+export SLURM_KILL_BAD_EXIT=1
 export DATA_DIR=${DATA_DIR:-$PWD/data}               # fetched ahead on a login node: python -m datamodules.download
 
 # STAGE_DATA=1 copies $DATA_DIR to node-local disk (once per node) and reads it from there

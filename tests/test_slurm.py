@@ -369,3 +369,20 @@ def test_a_signal_at_any_moment_ends_completed_with_results(slurm, checkout):
                 assert "received SIGUSR1: finishing the tests first" in out, out[-3000:]
     finally:
         subprocess.run(["scancel", *jobs], env=slurm.env)
+
+
+@pytest.mark.slurm
+def test_a_rank_that_fails_ends_the_whole_ddp_job_at_once(slurm, checkout):
+    """One rank raises while the others are stuck waiting for it (as NCCL ranks are): srun must end the step, not
+    hold every GPU of the job until a collective's 30-minute timeout or the job's time limit."""
+    args = ["configs/quickstart.yaml", *TINY, *NO_FIGURES, "--trainer.limit_train_batches", "6",
+            "--trainer.callbacks+", "tests.fault_at.FaultAt", "--trainer.callbacks.stall", "900"]
+    job = sbatch(slurm, checkout, "multinode_ddp.sbatch", *args, options=DDP_HERE)
+    try:
+        (record,) = slurm.wait(job, 240)  # the stalled rank alone would run 15 minutes
+    finally:
+        subprocess.run(["scancel", job], env=slurm.env)
+    out = output(checkout, "multinode_ddp", job)
+    assert (record["JobState"], record["Restarts"]) == ("FAILED", "0"), out[-3000:]  # a fault is not requeued
+    assert "RuntimeError: injected fault on rank 1 at step 2" in out
+    assert not glob.glob(str(checkout[0] / "logs" / "quickstart" / job / "results.json"))
