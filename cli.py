@@ -27,6 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.checkpoint_io import SafeCheckpointIO
 from callbacks.early_stopping import StayingEarlyStopping
+from callbacks.monitoring import improving_mode
 from callbacks.efficiency import EfficiencyMonitor
 from callbacks.figures import Figures
 from callbacks.progress import LossProgressBar
@@ -122,10 +123,11 @@ class ExperimentCLI(LightningCLI):
         parser.add_argument("--run_version", type=Optional[str], default=None,
                             help="fixed run folder name (sweep.py sets it); a re-run continues in that folder")
         parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")  # last.ckpt = the newest state
-        parser.set_defaults({"checkpoint.monitor": "val/loss", "checkpoint.mode": "min", "checkpoint.save_last": True,
+        parser.set_defaults({"checkpoint.monitor": "val/loss", "checkpoint.mode": "auto", "checkpoint.save_last": True,
                              "checkpoint.filename": "best-epoch{epoch:02d}", "checkpoint.auto_insert_metric_name": False})
         parser.add_lightning_class_args(StayingEarlyStopping, "early_stopping")
-        parser.set_defaults({"early_stopping.monitor": "val/loss", "early_stopping.patience": 5})
+        parser.set_defaults({"early_stopping.monitor": "val/loss", "early_stopping.mode": "auto",
+                             "early_stopping.patience": 5})  # mode auto: max for val/acc and the like, else min
         parser.add_lightning_class_args(Figures, "figures")  # PNGs + TensorBoard; figures.enabled: false turns off
         for key in ("num_classes", "input_shape", "class_names"):
             parser.link_arguments("data", f"model.init_args.{key}", compute_fn=lambda dm, key=key: getattr(dm, key),
@@ -141,6 +143,10 @@ class ExperimentCLI(LightningCLI):
         return config.experiment + (f"-{config.variant}" if config.variant else "")
 
     def before_instantiate_classes(self) -> None:
+        for section in ("checkpoint", "early_stopping"):  # mode auto becomes min or max: config.yaml says which
+            values = self._config().get(section)
+            if values is not None:
+                values.mode = improving_mode(values.monitor, values.mode)
         init_args = self._config().model.init_args
         self.given_num_classes = init_args.get("num_classes") if init_args is not None else None
 
@@ -156,6 +162,10 @@ class ExperimentCLI(LightningCLI):
                             "use --trainer.accelerator auto (or cpu)")
         self._check_precision(str(trainer_config.precision), trainer_config.accelerator, kwargs)
         check_section_numbers(config)  # the Lightning sections' numbers that Lightning lets through
+        if trainer_config.barebones:  # Lightning would raise a ValueError over the logger it then refuses
+            raise UserError("trainer.barebones turns off what every run of this CLI keeps (checkpoints, TensorBoard, "
+                            "results.json, the safe stop on a signal); leave it false. Lightning's bare loop against "
+                            "ours: python -m benchmarks.training_loop")
         if trainer_config.logger in (None, True, False):  # a user's own logger chooses its own folder
             run_dir = claim_run_dir(config.log_dir, self.experiment_name, config.run_version)
             if trainer_config.logger is not False:
@@ -169,6 +179,8 @@ class ExperimentCLI(LightningCLI):
         self.efficiency = EfficiencyMonitor()
         self.interrupt = SafeInterrupt()
         extra_callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        if trainer_config.enable_checkpointing is False:  # Lightning refuses a ModelCheckpoint next to it
+            extra_callbacks = [c for c in extra_callbacks if not isinstance(c, BestAndLastCheckpoint)]
         extra_callbacks += [self.results, self.efficiency, ModelSummary(max_depth=3), NonFiniteLossGuard(),
                             self.interrupt, TrainableSetSync()]
         self.figures = next((c for c in extra_callbacks if isinstance(c, Figures)), None)
@@ -284,6 +296,14 @@ class ExperimentCLI(LightningCLI):
         # snapshot now: testing a checkpoint restores the callback states saved inside it
         self.efficiency_summary = self.efficiency.summary(trainer)
         callback = trainer.checkpoint_callback
+        if callback is None:  # trainer.enable_checkpointing false: the weights the fit ended with are tested
+            if trainer.is_global_zero:
+                print("Testing the final weights (trainer.enable_checkpointing is false: no checkpoints were kept)")
+            self.results.tag = "final"
+            trainer.test(self.model, datamodule=self.datamodule)
+            if trainer.is_global_zero:
+                self._write_results()
+            return
         best, last = callback.best_model_path, callback.last_model_path
         same = bool(best and last) and saved_step(best) == saved_step(last)
         tested = False

@@ -7,6 +7,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
 from callbacks.checkpoint_io import SafeCheckpointIO
+from callbacks.monitoring import check_monitored
 
 
 class BestAndLastCheckpoint(ModelCheckpoint):
@@ -45,6 +46,8 @@ class BestAndLastCheckpoint(ModelCheckpoint):
             self._refresh_last(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            check_monitored(trainer, self.monitor, "checkpoint")
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
             self._refresh_last(trainer)

@@ -2,6 +2,9 @@
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
+from callbacks.monitoring import check_monitored
+from errors import UserError
+
 
 class StayingEarlyStopping(EarlyStopping):
     """Lightning's EarlyStopping (the `early_stopping` config section), plus: a fit resumed from a checkpoint saved
@@ -22,3 +25,27 @@ class StayingEarlyStopping(EarlyStopping):
             trainer.should_stop = True  # the fit loop checks it before its first epoch
             why = f" ({self.stopping_reason_message})" if self.stopping_reason_message else ""
             pl_module.print(f"Early stopping had ended this run at epoch {self.stopped_epoch}{why}: nothing left to train")
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._validated = False
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            check_monitored(trainer, self.monitor, "early_stopping")
+        self._validated = self._validated or not trainer.sanity_checking
+        super().on_validation_end(trainer, pl_module)
+
+    def _validate_condition_metric(self, logs) -> bool:
+        try:
+            return super()._validate_condition_metric(logs)
+        except RuntimeError as error:  # a monitored name nothing logs: one line, not a traceback
+            raise UserError(f"early_stopping.monitor={self.monitor!r}: {error}") from None
+
+    def _run_early_stopping_check(self, trainer) -> None:
+        # a metric of validation before any validation ran (`limit_val_batches: 0`, or `max_steps` ending the fit
+        # within its first epoch) is nothing to judge yet, as Lightning's ModelCheckpoint treats it; Lightning's
+        # EarlyStopping raised at the epoch's end. A misspelt monitor still fails after the first validation.
+        if self.monitor not in trainer.callback_metrics and not getattr(self, "_validated", True):
+            return
+        super()._run_early_stopping_check(trainer)

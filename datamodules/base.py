@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules import batch_transforms as BT
-from datamodules.loader import BatchLoader, EpochBatchSampler, TensorBatches
+from datamodules.loader import BatchLoader, EpochBatchSampler, InOrderBatchSampler, TensorBatches
 from errors import Fraction, NonNegativeInt, PositiveInt, UserError, number_range
 
 ValFraction = number_range("ValFraction", float, 0, 1, high_open=True)  # of the training split
@@ -173,9 +173,11 @@ class ImageDataModule(pl.LightningDataModule):
             self.setup()
         data = self.splits[split]
         rank, world_size = self._rank()
-        sampler = EpochBatchSampler(len(data), self.batch_size if train else self.eval_batch_size, shuffle=train,
-                                    seed=self.seed, drop_last=False, rank=rank, world_size=world_size,
-                                    even_shards=train)
+        # `trainer.overfit_batches`: the same first batches every epoch, as Lightning does for any loader
+        shuffle = train and not (self.trainer is not None and self.trainer.overfit_batches > 0)
+        sampler = (EpochBatchSampler if shuffle else InOrderBatchSampler)(
+            len(data), self.batch_size if train else self.eval_batch_size, shuffle=shuffle, seed=self.seed,
+            drop_last=False, rank=rank, world_size=world_size, even_shards=train)
         pin = self.pin_memory and torch.cuda.is_available()
         progress = self._batches_consumed if train else None
         return BatchLoader(data, sampler, pin_memory=pin, progress=progress)

@@ -2,7 +2,7 @@
 from typing import Callable, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 
 
 class TensorBatches(Dataset):
@@ -78,6 +78,16 @@ class EpochBatchSampler(Sampler):
         if not batches and not self.even_shards and self.num_samples:
             batches = [indices]  # empty
         yield from batches[skip:]
+
+
+class InOrderBatchSampler(EpochBatchSampler, SequentialSampler):
+    """An EpochBatchSampler that never shuffles (evaluation, and training under `trainer.overfit_batches`), and says
+    so to Lightning: with `overfit_batches` it rebuilds any loader whose sampler is not a SequentialSampler, which
+    cannot work for a loader of index batches (and failed with "Trying to inject parameters into BatchLoader")."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        assert not self.shuffle
 
 
 class BatchLoader(DataLoader):

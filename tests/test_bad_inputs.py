@@ -86,6 +86,13 @@ CASES = {
     "negative epochs": (["--trainer.max_epochs", "-3"], "trainer.max_epochs=-3 is out of range"),
     "zero epochs": (["--trainer.max_epochs", "0"], "trainer.max_epochs=0 is out of range"),
     "gpu without a gpu": (["--trainer.accelerator", "gpu"], "no CUDA GPU; use --trainer.accelerator auto"),
+    "barebones": (["--trainer.barebones", "true"], "trainer.barebones turns off what every run of this CLI keeps"),
+    # found after the sanity check's validation, before any training (Lightning: after an epoch, or a traceback)
+    "misspelt early-stopping metric": (["--early_stopping.monitor", "val/los"],
+                                       "early_stopping.monitor='val/los' is not a metric the model logs; val/ "
+                                       "metrics are: val/acc, val/f1_macro, val/loss"),
+    "misspelt checkpoint metric": (["--checkpoint.monitor", "val/accuracy"],
+                                   "checkpoint.monitor='val/accuracy' is not a metric the model logs"),
     "missing checkpoint": (["--ckpt_path", "/nonexistent/last.ckpt"], "checkpoint /nonexistent/last.ckpt does not exist"),
     # the ranks in child processes: results.json came out empty (fork), or the CLI failed to pickle (spawn)
     **{f"strategy {name}": (["--trainer.strategy", name, "--trainer.devices", "2", "--trainer.accelerator", "cpu"],

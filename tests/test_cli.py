@@ -220,3 +220,61 @@ def test_a_linked_last_ckpt_outlives_a_rewrite_or_removal_of_the_best_and_copies
     io.link_checkpoint(best, last)  # a file system without hard links: a copy, swapped in by a rename
     assert not os.path.samefile(best, last) and torch.load(last)["step"] == 3
     assert sorted(os.listdir(tmp_path)) == ["best.ckpt", "last.ckpt"]
+
+
+QUIET = ["--trainer.enable_progress_bar", "false", "--figures.enabled", "false"]
+# Lightning's debugging and budget options, each of which once ended in a traceback or a one-line refusal:
+# option -> the checkpoints tested after the fit
+LIGHTNING_OPTIONS = {
+    "overfit_batches": (["--trainer.overfit_batches", "2"], {"best", "last"}),  # "cannot inject ... BatchLoader"
+    "no validation": (["--trainer.limit_val_batches", "0"], {"last"}),  # EarlyStopping: val/loss not available
+    "max_steps within the first epoch": (["--trainer.max_steps", "3", "--trainer.max_epochs", "-1"], {"last"}),
+    "no checkpoints": (["--trainer.enable_checkpointing", "false"], {"final"}),  # "found ModelCheckpoint"
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", LIGHTNING_OPTIONS)
+def test_lightning_options_fit_and_test_to_a_results_file(case, tmp_path):
+    args, tested = LIGHTNING_OPTIONS[case]
+    result = run_cli("fit", "--config", "configs/quickstart.yaml", "--trainer.max_epochs", "2", "--log_dir",
+                     str(tmp_path), *QUIET, *args)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (run_dir,) = glob.glob(str(tmp_path / "quickstart" / "*"))
+    results = json.load(open(os.path.join(run_dir, "results.json")))
+    assert set(results["test"]) == tested and results["test"][tested.pop()]["acc"] > 0.1
+    if case == "no checkpoints":
+        assert not os.path.exists(os.path.join(run_dir, "checkpoints")) and "checkpoints" not in results
+
+
+def test_overfit_batches_trains_on_the_same_first_batches_every_epoch(tmp_path):
+    import lightning.pytorch as pl
+
+    class Batches(pl.Callback):
+        seen = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen.append((trainer.current_epoch, batch[1].tolist()))
+
+    run = cli.main(["--config", "configs/quickstart.yaml", "--trainer.max_epochs", "3", "--log_dir", str(tmp_path),
+                    "--trainer.overfit_batches", "2", *QUIET], run=False)
+    run.trainer.callbacks.append(Batches())
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    epochs = [sum((b for e, b in Batches.seen if e == epoch), []) for epoch in range(3)]
+    assert epochs[0] == epochs[1] == epochs[2]  # the training split's first two batches, in order
+    assert epochs[0] == run.datamodule.splits["train"].labels[:2 * run.datamodule.batch_size].tolist()
+
+
+@pytest.mark.parametrize("section", ["checkpoint", "early_stopping"])
+@pytest.mark.parametrize("monitor, given, mode", [("val/loss", None, "min"), ("val/acc", None, "max"),
+                                                  ("val/f1_macro", None, "max"), ("train/loss", None, "min"),
+                                                  ("val/acc", "min", "min"), ("val/loss", "max", "max")])
+def test_mode_auto_follows_the_monitored_metric_unless_given(section, monitor, given, mode, tmp_path):
+    args = [f"--{section}.monitor", monitor, *([f"--{section}.mode", given] if given else [])]
+    run = cli.main(["--config", "configs/quickstart.yaml", "--log_dir", str(tmp_path), *args], run=False)
+    from callbacks.checkpoints import BestAndLastCheckpoint
+    from callbacks.early_stopping import StayingEarlyStopping
+
+    kind = BestAndLastCheckpoint if section == "checkpoint" else StayingEarlyStopping
+    (callback,) = [c for c in run.trainer.callbacks if isinstance(c, kind)]
+    assert (callback.monitor, callback.mode) == (monitor, mode)
