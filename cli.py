@@ -271,7 +271,23 @@ class ExperimentCLI(LightningCLI):
             raise UserError(f"checkpoint {path} does not exist; runs keep theirs in logs/<experiment>/<version>/"
                             "checkpoints/")
 
-    before_validate = before_test = before_predict = _check_ckpt_path
+    def _check_evaluated_weights(self) -> None:
+        """validate / test / predict without --ckpt_path score the weights the config builds: for a model that trains,
+        its random initialisation (and test wrote a results.json of chance-level accuracy that report.py then
+        counted). Only a model with nothing to train (CLIP zero-shot: every parameter frozen) is evaluated as built."""
+        self._check_ckpt_path()
+        model = self.model
+        trains = getattr(model, "hand_trained", False) or any(p.requires_grad for p in model.parameters())
+        if self._config().get("ckpt_path") or not trains:
+            return
+        config = self._config()
+        saved = glob.glob(os.path.join(config.log_dir, self.experiment_name, "*", "checkpoints", "*.ckpt"))
+        newest = f"; the newest of this experiment: {max(saved, key=os.path.getmtime)}" if saved else ""
+        raise UserError(f"cli.py {self.subcommand} without --ckpt_path would score the untrained (random) weights of "
+                        f"{type(model).__name__}; give a checkpoint of a fit, --ckpt_path logs/<experiment>/<version>/"
+                        f"checkpoints/best-epochNN.ckpt (or last.ckpt){newest}")
+
+    before_validate = before_test = before_predict = _check_evaluated_weights
 
     def before_fit(self) -> None:
         self._check_ckpt_path()

@@ -3,6 +3,7 @@
 An earlier run lives in the same log directory for the whole module; every bad command must leave
 its files byte-for-byte as they were and create no run directory of its own.
 """
+import glob
 import hashlib
 import os
 import subprocess
@@ -99,6 +100,16 @@ CASES = {
                             f"--trainer.strategy {name} runs the ranks in child processes of this one")
        for name in ("ddp_spawn", "ddp_fork", "ddp_notebook")},
 }
+
+
+@pytest.mark.parametrize("subcommand", ["test", "validate", "predict"])
+def test_evaluating_a_trainable_model_without_a_checkpoint_is_one_line(subcommand, untouched):
+    # test wrote a results.json of chance-level accuracy, which report.py then counted as a run of the experiment
+    result = run_cli(subcommand, *QUICKSTART, "--log_dir", str(untouched[0]))
+    assert_rejected(result, f"cli.py {subcommand} without --ckpt_path would score the untrained (random) weights "
+                    "of CNN", untouched)
+    newest = max(glob.glob(os.path.join(untouched[1], "checkpoints", "*.ckpt")), key=os.path.getmtime)
+    assert result.stderr.rstrip().endswith(f"the newest of this experiment: {newest}")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU case is only an error without a GPU")
