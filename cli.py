@@ -25,7 +25,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from callbacks.checkpoint_io import SafeCheckpointIO
+from callbacks.checkpoint_io import SafeCheckpointIO, resume_hint
 from callbacks.early_stopping import StayingEarlyStopping
 from callbacks.monitoring import improving_mode
 from callbacks.efficiency import EfficiencyMonitor
@@ -349,6 +349,27 @@ class ExperimentCLI(LightningCLI):
             self._write_results()
 
 
+def out_of_memory(error: BaseException) -> Optional[UserError]:
+    """A GPU (torch.OutOfMemoryError) or the host (the CPU allocator's RuntimeError) out of memory, anywhere in the
+    exception's chain: one line saying what to lower and how to go on, instead of a traceback."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error).strip()
+        if isinstance(error, torch.OutOfMemoryError) or (isinstance(error, RuntimeError)
+                                                         and "can't allocate memory" in text):
+            what = "the host" if "CPUAllocator" in text else "the GPU"
+            first = text.splitlines()[0] if text else type(error).__name__
+            first = first[:200] + ("..." if len(first) > 200 else "")
+            folder = os.path.join(STOP.run_dir, "checkpoints") if STOP.run_dir else None
+            then = resume_hint(folder) if folder and os.path.isdir(folder) else "run the command again"
+            also = "" if what == "the host" else " or use --trainer.precision bf16-mixed"
+            return UserError(f"{what} ran out of memory ({first}); lower --data.init_args.batch_size (or resize)"
+                             f"{also}, then {then}")
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def torchrun_devices(devices, num_nodes: int, kwargs: dict) -> None:
     """Under torchrun, which starts the processes itself, Lightning takes `devices` x `num_nodes` to be torchrun's
     world size without checking (its check is in its own launcher): `devices: auto` on a CPU means 1, and each process
@@ -468,6 +489,10 @@ def run_cli(args=None, run: bool = True, from_api: bool = False) -> ExperimentCL
                 discard_run_dirs(created_run_dirs, failed=True)
                 message, exit_code = interrupted_message(getattr(error, "signum", None) or STOP.received, from_api)
                 raise CommandInterrupted(message, exit_code) from None
+            oom = out_of_memory(error) if isinstance(error, Exception) else None
+            if oom is not None:  # the user's to fix: a folder with checkpoints stays, to resume from
+                discard_run_dirs(created_run_dirs, failed=True)
+                raise oom from None
             user_error = user_error_in(error) if isinstance(error, Exception) else None
             discard_run_dirs(created_run_dirs,
                              failed=user_error is not None and not isinstance(user_error, TrainingDiverged))

@@ -273,3 +273,25 @@ def test_any_number_out_of_its_range_is_one_line_naming_option_value_and_range(p
     assert line.startswith(f"error: {prefix}.{name}=") and f"is out of range: expected {range_type.__doc__}" in line
     shown = line.split("=", 1)[1].split(" is out of range")[0].strip("[]").split(", ")
     assert float(value) in map(float, shown), line  # the value the user gave (resized_crop_scale shows both)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("error, step", [("gpu_oom", 3), ("host_oom", 3), ("gpu_oom", 30)])
+def test_out_of_memory_is_one_line_with_what_to_lower_and_how_to_go_on(error, step, tmp_path):
+    # quickstart: 21 steps per epoch, so step 30 comes after the first epoch's checkpoints
+    result = run_cli("fit", *QUICKSTART, "--log_dir", str(tmp_path), "--trainer.max_epochs", "2",
+                     "--trainer.enable_progress_bar", "false", "--figures.enabled", "false", "--trainer.callbacks+",
+                     "tests.fault_at.FaultAt", "--trainer.callbacks.rank", "0", "--trainer.callbacks.step", str(step),
+                     "--trainer.callbacks.error", error)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    what = "the GPU" if error == "gpu_oom" else "the host"
+    assert line.startswith(f"error: {what} ran out of memory (") and "lower --data.init_args.batch_size" in line
+    assert ("bf16-mixed" in line) == (error == "gpu_oom")
+    runs = glob.glob(str(tmp_path / "quickstart" / "*"))
+    if step < 21:  # nothing to resume from: the run folder is removed
+        assert line.endswith("then run the command again") and not runs
+    else:
+        (run,) = runs
+        assert line.endswith(f"then resume: python cli.py fit --config {run}/config.yaml --ckpt_path "
+                             f"{run}/checkpoints/last.ckpt")
