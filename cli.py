@@ -349,6 +349,23 @@ class ExperimentCLI(LightningCLI):
             self._write_results()
 
 
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker", "remote process exited",
+             "ncclRemoteError", "NCCL communicator was aborted")
+
+
+def peer_failure(error: BaseException) -> Optional[str]:
+    """The first line of a collective's error that says another rank's process is gone (gloo, NCCL), else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error).strip()
+        if isinstance(error, RuntimeError) and any(marker in text for marker in PEER_GONE):
+            first = text.splitlines()[0]
+            return first[:200] + ("..." if len(first) > 200 else "")
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def out_of_memory(error: BaseException) -> Optional[UserError]:
     """A GPU (torch.OutOfMemoryError) or the host (the CPU allocator's RuntimeError) out of memory, anywhere in the
     exception's chain: one line saying what to lower and how to go on, instead of a traceback."""
@@ -489,6 +506,11 @@ def run_cli(args=None, run: bool = True, from_api: bool = False) -> ExperimentCL
                 discard_run_dirs(created_run_dirs, failed=True)
                 message, exit_code = interrupted_message(getattr(error, "signum", None) or STOP.received, from_api)
                 raise CommandInterrupted(message, exit_code) from None
+            if isinstance(error, Exception) and torch.distributed.is_initialized() and (peer := peer_failure(error)):
+                # another rank failed first and said why; this rank's broken collective is not news: one line, exit 1
+                discard_run_dirs(created_run_dirs, failed=False)
+                raise CommandInterrupted(f"rank {torch.distributed.get_rank()} stopped: another rank ended first (its "
+                                         f"error is above): {peer}", 1) from None
             oom = out_of_memory(error) if isinstance(error, Exception) else None
             if oom is not None:  # the user's to fix: a folder with checkpoints stays, to resume from
                 discard_run_dirs(created_run_dirs, failed=True)

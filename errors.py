@@ -13,7 +13,12 @@ from jsonargparse.typing import register_type
 
 
 class UserError(Exception):
-    """A configuration, data or path problem, with a message that says what to do."""
+    """A configuration, data or path problem, with a message that says what to do. `every_rank`: each DDP rank
+    meets this very mistake at the same point (a config checked after the ranks started), so only rank 0 says it."""
+
+    def __init__(self, message: str, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 def number_range(name: str, base: type, low: Optional[float] = None, high: Optional[float] = None,
@@ -194,6 +199,12 @@ class CommandInterrupted(Exception):
         self.exit_code = exit_code
 
 
+def _global_rank() -> int:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only  # set by Lightning once the ranks started
+
+    return getattr(rank_zero_only, "rank", 0)
+
+
 def _thread_errors(args) -> None:
     """A writer thread's full disk is reported by the main thread (TensorBoard re-raises it there), not twice."""
     if not (isinstance(args.exc_value, OSError) and args.exc_value.errno in DISK_FULL):
@@ -218,5 +229,6 @@ def one_line_errors():
         found = user_error_in(error)
         if found is None:
             raise
-        print(f"error: {found}", file=sys.stderr, flush=True)
+        if not (getattr(found, "every_rank", False) and _global_rank() > 0):  # else rank 0 says the same line
+            print(f"error: {found}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -40,7 +40,7 @@ class StayingEarlyStopping(EarlyStopping):
         try:
             return super()._validate_condition_metric(logs)
         except RuntimeError as error:  # a monitored name nothing logs: one line, not a traceback
-            raise UserError(f"early_stopping.monitor={self.monitor!r}: {error}") from None
+            raise UserError(f"early_stopping.monitor={self.monitor!r}: {error}", every_rank=True) from None
 
     def _run_early_stopping_check(self, trainer) -> None:
         # a metric of validation before any validation ran (`limit_val_batches: 0`, or `max_steps` ending the fit

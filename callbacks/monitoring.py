@@ -22,4 +22,5 @@ def check_monitored(trainer, monitor, section: str) -> None:
     if not monitor or monitor in logged or monitor.split("/")[0] not in {key.split("/")[0] for key in logged}:
         return
     raise UserError(f"{section}.monitor={monitor!r} is not a metric the model logs; {monitor.split('/')[0]}/ "
-                    f"metrics are: {', '.join(sorted(k for k in logged if k.startswith(monitor.split('/')[0] + '/')))}")
+                    f"metrics are: {', '.join(sorted(k for k in logged if k.startswith(monitor.split('/')[0] + '/')))}",
+                    every_rank=True)

@@ -259,3 +259,34 @@ def test_a_notebook_on_several_gpus_trains_on_one_unless_told_otherwise(monkeypa
     cli.one_gpu_in_a_notebook(types.SimpleNamespace(devices=devices, accelerator=accelerator), kwargs)
     assert kwargs.get("devices") == expected
     assert ("note: a notebook trains on one of the" in capsys.readouterr().err) == (expected == 1)
+
+
+@pytest.mark.slow
+def test_a_mistake_every_rank_meets_after_the_launch_is_said_once(tmp_path):
+    # a monitored name is checked after the sanity check, when both ranks run: each printed the same error line
+    result = subprocess.run([sys.executable, "cli.py", "fit", "--config", "configs/quickstart.yaml", "--log_dir",
+                             str(tmp_path), "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                             "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+                             "--figures.enabled", "false", "--early_stopping.monitor", "val/los"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert errors == ["error: early_stopping.monitor='val/los' is not a metric the model logs; val/ metrics are: "
+                      "val/acc, val/f1_macro, val/loss, val/precision_macro, val/recall_macro"]
+    assert not os.listdir(tmp_path / "quickstart")  # no run folder left
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_says_why_and_the_others_say_one_line(tmp_path):
+    # rank 1 runs out of GPU memory; rank 0's next collective breaks: a 57-line gloo traceback before
+    result = subprocess.run([sys.executable, "cli.py", "fit", "--config", "configs/quickstart.yaml", "--log_dir",
+                             str(tmp_path), "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                             "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+                             "--figures.enabled", "false", "--trainer.callbacks+", "tests.fault_at.FaultAt",
+                             "--trainer.callbacks.error", "gpu_oom", "--trainer.callbacks.stall", "0"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: the GPU ran out of memory (CUDA out of memory.")
+    assert result.stderr.splitlines()[-1].startswith("rank 0 stopped: another rank ended first (its error is "
+                                                     "above): ")
