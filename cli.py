@@ -40,7 +40,7 @@ from datamodules import ImageDataModule
 from errors import (CommandInterrupted, UserError, check_section_numbers, one_line_errors, one_line_parse_error,
                     user_error_in)
 from lightning_modules import ClassificationModule
-from run_dirs import claim_run_dir, created_run_dirs, forget_run_version
+from run_dirs import claim_run_dir, created_run_dirs, forget_run_version, is_worker_process
 
 # --trainer.precision without a GPU (README "Precision"): automatic mixed precision is a GPU speed-up, so the
 # shipped GPU configs (bf16-mixed) fall back to 32-true there with a warning; the "-true" precisions (the model
@@ -167,7 +167,7 @@ class ExperimentCLI(LightningCLI):
                             "results.json, the safe stop on a signal); leave it false. Lightning's bare loop against "
                             "ours: python -m benchmarks.training_loop")
         if trainer_config.logger in (None, True, False):  # a user's own logger chooses its own folder
-            run_dir = claim_run_dir(config.log_dir, self.experiment_name, config.run_version)
+            run_dir = claim_run_dir(config.log_dir, self.experiment_name, config.run_version or self._resumed_run())
             if trainer_config.logger is not False:
                 kwargs["logger"] = TensorBoardLogger(save_dir=config.log_dir, name=self.experiment_name,
                                                      version=os.path.basename(run_dir), default_hp_metric=False)
@@ -261,6 +261,25 @@ class ExperimentCLI(LightningCLI):
                                                       f"{'x'.join(map(str, shape)) or 'unknown'}")
             raise UserError(f"{path} holds {describe(*saved)} but the config builds {describe(*wanted)} "
                             f"({datamodule.name}); use the config.yaml saved in that checkpoint's run directory")
+
+    def _resumed_run(self) -> Optional[str]:
+        """`fit --ckpt_path <run>/checkpoints/<file>.ckpt` (or `<run>/hpc_ckpt_N.ckpt`) of a run of this experiment
+        under this log_dir, the command an interrupted fit prints: the run goes on in that folder (its version), as a
+        requeued SLURM job's does. In a new folder Lightning's ModelCheckpoint drops its top-k record (the dirpath
+        changed), so "best" became the best epoch since the resume, and TensorBoard split the run in two."""
+        path = self._config().get("ckpt_path")
+        if self.subcommand != "fit" or not path or not os.path.isfile(path):
+            return None
+        run = os.path.dirname(os.path.abspath(path))
+        if os.path.basename(run) == "checkpoints":
+            run = os.path.dirname(run)
+        parent = os.path.join(self._config().log_dir, self.experiment_name)
+        if not os.path.isfile(os.path.join(run, "config.yaml")) or not os.path.isdir(parent) \
+                or not os.path.samefile(os.path.dirname(run), parent):
+            return None
+        if not is_worker_process():  # once, not per DDP rank
+            print(f"Resuming in the checkpoint's run folder {run}")
+        return os.path.basename(run)
 
     def _check_ckpt_path(self) -> None:
         config_init = self.config_init[self.subcommand]

@@ -73,7 +73,7 @@ def test_an_interrupted_fit_says_how_to_resume_with_the_api_and_that_call_resume
     assert str(stopped.value) == (f"interrupted by SIGINT: saved {last}; resume with "
                                   f"api.fit({config!r}, ckpt_path={last!r})")
     resumed = api.fit(config, ckpt_path=last)  # the line's call, as it stands
-    assert resumed.run_dir != run and resumed.results["efficiency"]["epochs"] == 2
+    assert resumed.run_dir == run and resumed.results["efficiency"]["epochs"] == 2  # the run goes on in its folder
 
 
 def test_forced_smoke_overrides_switch_the_data(tmp_path):

@@ -115,6 +115,34 @@ def test_a_signal_around_validation_resumes_to_the_uninterrupted_fit(tmp_path, m
 
 
 @pytest.mark.slow
+def test_the_printed_resume_goes_on_in_the_run_folder_and_keeps_the_best_checkpoint_from_before_the_stop(tmp_path):
+    # with `checkpoint.mode max` on val/loss the best epoch is the first, before the stop. Resumed in a new folder,
+    # Lightning's ModelCheckpoint dropped its top-k record (its dirpath changed): the first epoch after the resume
+    # became "best", and results.json tested it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    extra = ["--trainer.max_epochs", "4", "--checkpoint.mode", "max", "--early_stopping.patience", "10"]
+    fit = [sys.executable, "cli.py", "fit", *QUICK, *extra]
+    reference = subprocess.run([*fit, "--log_dir", str(tmp_path / "reference")], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    stopped = signalled_fit(tmp_path / "stopped", "epoch_end", "SIGTERM", *extra)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    (run,) = (tmp_path / "stopped" / "quickstart").iterdir()
+    last = str(run / "checkpoints" / "last.ckpt")
+    assert last_line(stopped).endswith(f"resume with python cli.py fit --config {run / 'config.yaml'} --ckpt_path {last}")
+    # the printed command, less SignalAt (in its config.yaml): the quick-start config with the same log_dir
+    resumed = subprocess.run([*fit, "--log_dir", str(tmp_path / "stopped"), "--ckpt_path", last], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming in the checkpoint's run folder {run}" in resumed.stdout
+    assert list((tmp_path / "stopped" / "quickstart").iterdir()) == [run] and "dirpath has changed" not in resumed.stderr
+    results, expected = (json.load(open(path)) for path in (run / "results.json", next(
+        (tmp_path / "reference" / "quickstart").iterdir()) / "results.json"))
+    assert os.path.basename(results["checkpoints"]["best"]) == "best-epoch00.ckpt"
+    assert results["test"] == expected["test"]
+
+
+@pytest.mark.slow
 def test_a_signal_as_the_fit_ends_stops_before_the_tests(tmp_path):
     # after the fit loop's last safe point (on_train_end) nothing stops training any more: the command must not
     # go on to test as if no signal had come, but stop as a signal during the tests does
