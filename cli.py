@@ -31,7 +31,7 @@ from callbacks.monitoring import improving_mode
 from callbacks.efficiency import EfficiencyMonitor
 from callbacks.figures import Figures
 from callbacks.progress import LossProgressBar
-from callbacks.results import ResultsFile, run_dir_of, run_fields
+from callbacks.results import ResultsFile, run_dir_of, run_directory, run_fields
 from callbacks.checkpoints import BestAndLastCheckpoint
 from callbacks.safety import (STOP, NonFiniteLossGuard, SafeInterrupt, StopNow, TrainingDiverged, discard_run_dirs,
                               interrupted_message)
@@ -270,9 +270,7 @@ class ExperimentCLI(LightningCLI):
         path = self._config().get("ckpt_path")
         if self.subcommand != "fit" or not path or not os.path.isfile(path):
             return None
-        run = os.path.dirname(os.path.abspath(path))
-        if os.path.basename(run) == "checkpoints":
-            run = os.path.dirname(run)
+        run = run_directory(path)
         parent = os.path.join(self._config().log_dir, self.experiment_name)
         if not os.path.isfile(os.path.join(run, "config.yaml")) or not os.path.isdir(parent) \
                 or not os.path.samefile(os.path.dirname(run), parent):
