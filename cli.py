@@ -124,7 +124,10 @@ class ExperimentCLI(LightningCLI):
                             help="fixed run folder name (sweep.py sets it); a re-run continues in that folder")
         parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")  # last.ckpt = the newest state
         parser.set_defaults({"checkpoint.monitor": "val/loss", "checkpoint.mode": "auto", "checkpoint.save_last": True,
-                             "checkpoint.filename": "best-epoch{epoch:02d}", "checkpoint.auto_insert_metric_name": False})
+                             "checkpoint.filename": "best-epoch{epoch:02d}", "checkpoint.auto_insert_metric_name": False,
+                             # a run folder is one run's: a resumed fit that redoes an epoch replaces its file
+                             # (Lightning's counter wrote best-epoch03-v1.ckpt, last-v1.ckpt beside the old ones)
+                             "checkpoint.enable_version_counter": False})
         parser.add_lightning_class_args(StayingEarlyStopping, "early_stopping")
         parser.set_defaults({"early_stopping.monitor": "val/loss", "early_stopping.mode": "auto",
                              "early_stopping.patience": 5})  # mode auto: max for val/acc and the like, else min

@@ -151,9 +151,11 @@ class StopSignals:
 
     def _stop_after_this_batch(self) -> None:
         trainer = self.trainer
-        if self.phase == "training" and trainer is not None and trainer.world_size == 1 and not trainer.validating:
+        if self.phase == "training" and trainer is not None and trainer.world_size == 1 and not trainer.validating \
+                and trainer.accumulate_grad_batches == 1:
             trainer._signal_connector.received_sigterm = True  # Lightning stops once this step is complete
-        # while validating, SafeInterrupt.on_validation_end sets it: Lightning would stop mid-validation
+        # while validating, SafeInterrupt.on_validation_end sets it: Lightning would stop mid-validation; under DDP
+        # or with gradient accumulation, SafeInterrupt.on_train_batch_end (at the batch that ends an optimizer step)
 
     def stop_before_testing(self, trainer) -> None:
         """After a fit, before its tests: a signal that came after training's last safe point (while the fit
@@ -188,7 +190,9 @@ class StopSignals:
         self.received = signum
         self._stop_after_this_batch()
         again = " (Ctrl-C again to stop at once)" if self.trainer is not None and self.trainer.world_size == 1 else ""
-        _say(f"received {name}: stopping after the current batch{again}")
+        accumulating = self.trainer is not None and self.trainer.accumulate_grad_batches > 1
+        _say(f"received {name}: stopping after the current "
+             f"{'optimizer step (gradient accumulation)' if accumulating else 'batch'}{again}")
 
 
 def _say(line: str) -> None:
@@ -215,8 +219,8 @@ def _sigterm_notifier(trainer):
         if launcher is not None and not forwarded:
             forwarded.append(signum)
             launcher.kill(signum)
-        if trainer.world_size == 1 and not trainer.validating:  # validating: SafeInterrupt.on_validation_end
-            trainer._signal_connector.received_sigterm = True
+        if trainer.world_size == 1 and not trainer.validating and trainer.accumulate_grad_batches == 1:
+            trainer._signal_connector.received_sigterm = True  # validating: SafeInterrupt.on_validation_end
         elif not STOP.installed and STOP.received is None:  # a plain Trainer without `with STOP:`
             STOP.received = signum
 
@@ -253,6 +257,12 @@ class SafeInterrupt(pl.Callback):
         STOP.phase = "testing"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # with gradient accumulation only a batch that ends an optimizer step is a safe point: a checkpoint holds no
+        # partly summed gradients, so a stop inside a window resumed to other weights than an uninterrupted fit's.
+        # Every rank is at the same batch index, so all skip (or join) the collective below alike
+        accumulate = trainer.accumulate_grad_batches
+        if accumulate > 1 and (batch_idx + 1) % accumulate and batch_idx + 1 != trainer.num_training_batches:
+            return
         self._stop_if_signalled(trainer, pl_module)
 
     def on_validation_start(self, trainer, pl_module) -> None:
@@ -289,6 +299,12 @@ class SafeInterrupt(pl.Callback):
             path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
         else:
             path = os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
+            callback = trainer.checkpoint_callback
+            if callback is not None and callback.dirpath and \
+                    os.path.abspath(os.path.join(callback.dirpath, "last.ckpt")) == os.path.abspath(path):
+                # the saved state names this file as its own last checkpoint: a fit resumed in this folder then
+                # rewrites last.ckpt (Lightning wrote last-v1.ckpt beside a last.ckpt it had not written itself)
+                callback.last_model_path = os.path.join(callback.dirpath, "last.ckpt")
         trainer.save_checkpoint(path, weights_only=False)  # to a temp file, then moved: never half-written
         STOP.saved = path
         print(f"saved {path} at step {trainer.global_step}", file=sys.stderr, flush=True)

@@ -14,7 +14,8 @@ import lightning.pytorch as pl
 
 from callbacks.safety import STOP
 
-MOMENTS = ("setup", "sanity_check", "training", "last_batch", "validation", "epoch_end", "train_end", "testing")
+MOMENTS = ("setup", "sanity_check", "training", "second_batch", "last_batch", "validation", "epoch_end", "train_end",
+           "testing")
 
 
 class SignalAt(pl.Callback):
@@ -59,6 +60,8 @@ class SignalAt(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == 2:
             self._fire("training")
+        if batch_idx == 1:  # inside the first optimizer step's window under gradient accumulation
+            self._fire("second_batch")
         if batch_idx == trainer.num_training_batches - 1:  # an epoch's last batch: its validation comes next
             self._fire("last_batch")
 

@@ -143,6 +143,36 @@ def test_the_printed_resume_goes_on_in_the_run_folder_and_keeps_the_best_checkpo
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_inside_a_gradient_accumulation_window_waits_for_its_optimizer_step_and_resumes_exactly(tmp_path,
+                                                                                                          signum):
+    # the stop came after the current batch, in the middle of a window: its partly summed gradients were lost, and
+    # the resumed fit ended with other weights; and a resume in the run folder wrote last-v1.ckpt beside the stop's
+    # last.ckpt, which Lightning did not count as its own
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    extra = ["--trainer.accumulate_grad_batches", "3", "--trainer.limit_train_batches", "6"]
+    fit = [sys.executable, "cli.py", "fit", *QUICK, *extra]
+    reference = subprocess.run([*fit, "--log_dir", str(tmp_path / "reference")], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    stopped = signalled_fit(tmp_path / "stopped", "second_batch", signum, *extra)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert f"received {signum}: stopping after the current optimizer step (gradient accumulation)" in stopped.stderr
+    (run,) = (tmp_path / "stopped" / "quickstart").iterdir()
+    last = run / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 1  # after the window's third batch, not its second
+    assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] == 3
+    resumed = subprocess.run([*fit, "--log_dir", str(tmp_path / "stopped"), "--ckpt_path", str(last)], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not [name for name in os.listdir(run / "checkpoints") if "-v" in name]
+    expected, final = final_state(tmp_path / "reference"), final_state(tmp_path / "stopped")
+    assert final["step"] == expected["step"] == 4
+    assert all(torch.equal(value, expected["weights"][key]) for key, value in final["weights"].items())
+
+
+@pytest.mark.slow
 def test_a_signal_as_the_fit_ends_stops_before_the_tests(tmp_path):
     # after the fit loop's last safe point (on_train_end) nothing stops training any more: the command must not
     # go on to test as if no signal had come, but stop as a signal during the tests does
