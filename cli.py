@@ -225,6 +225,8 @@ class ExperimentCLI(LightningCLI):
         fields = run_fields(self.experiment_name, config.experiment, config.variant, self.model, self.datamodule,
                             config.seed_everything, run_dir_of(trainer))
         fields["efficiency"] = self.efficiency_summary or self.efficiency.summary(trainer)
+        if getattr(self, "untrained", False):
+            fields["untrained"] = True  # cli.py test without --ckpt_path: report.py leaves it out
         callback = trainer.checkpoint_callback
         if callback is not None and callback.best_model_path:
             fields["checkpoints"] = {"best": callback.best_model_path, "last": callback.last_model_path}
@@ -293,19 +295,21 @@ class ExperimentCLI(LightningCLI):
 
     def _check_evaluated_weights(self) -> None:
         """validate / test / predict without --ckpt_path score the weights the config builds: for a model that trains,
-        its random initialisation (and test wrote a results.json of chance-level accuracy that report.py then
-        counted). Only a model with nothing to train (CLIP zero-shot: every parameter frozen) is evaluated as built."""
+        its random initialisation. Said in one line; a test's results.json is marked `untrained`, which report.py
+        leaves out (it had counted a chance-level run of the experiment). CLIP (every parameter frozen) is scored as
+        built, as it should be."""
         self._check_ckpt_path()
         model = self.model
         trains = getattr(model, "hand_trained", False) or any(p.requires_grad for p in model.parameters())
-        if self._config().get("ckpt_path") or not trains:
+        self.untrained = trains and not self._config().get("ckpt_path")
+        if not self.untrained or is_worker_process():
             return
         config = self._config()
         saved = glob.glob(os.path.join(config.log_dir, self.experiment_name, "*", "checkpoints", "*.ckpt"))
-        newest = f"; the newest of this experiment: {max(saved, key=os.path.getmtime)}" if saved else ""
-        raise UserError(f"cli.py {self.subcommand} without --ckpt_path would score the untrained (random) weights of "
-                        f"{type(model).__name__}; give a checkpoint of a fit, --ckpt_path logs/<experiment>/<version>/"
-                        f"checkpoints/best-epochNN.ckpt (or last.ckpt){newest}")
+        newest = f" (the newest of this experiment: {max(saved, key=os.path.getmtime)})" if saved else ""
+        print(f"warning: no --ckpt_path: cli.py {self.subcommand} scores the untrained (random) weights of "
+              f"{type(model).__name__}; to score a fit, give --ckpt_path <run>/checkpoints/<best or last>.ckpt{newest}",
+              file=sys.stderr, flush=True)
 
     before_validate = before_test = before_predict = _check_evaluated_weights
 

@@ -72,6 +72,8 @@ def read_run(path: Path) -> Run:
             raise RunFileError(f'"{key}" must be a non-empty string')
     if not isinstance(data["test"], dict):
         raise RunFileError('"test" must be an object with best/last or final metrics')
+    if data.get("untrained") is True:
+        raise RunFileError("scores untrained weights (cli.py test without --ckpt_path), not a run of the experiment")
 
     experiment = data["experiment"]
     base = data.get("base_experiment") if isinstance(data.get("base_experiment"), str) else experiment

@@ -102,16 +102,6 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("subcommand", ["test", "validate", "predict"])
-def test_evaluating_a_trainable_model_without_a_checkpoint_is_one_line(subcommand, untouched):
-    # test wrote a results.json of chance-level accuracy, which report.py then counted as a run of the experiment
-    result = run_cli(subcommand, *QUICKSTART, "--log_dir", str(untouched[0]))
-    assert_rejected(result, f"cli.py {subcommand} without --ckpt_path would score the untrained (random) weights "
-                    "of CNN", untouched)
-    newest = max(glob.glob(os.path.join(untouched[1], "checkpoints", "*.ckpt")), key=os.path.getmtime)
-    assert result.stderr.rstrip().endswith(f"the newest of this experiment: {newest}")
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU case is only an error without a GPU")
 @pytest.mark.parametrize("case", CASES)
 def test_bad_option_is_one_line(case, untouched):

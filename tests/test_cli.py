@@ -129,6 +129,27 @@ def test_predict_and_validate_run_through_the_cli(tmp_path):
         assert run.trainer.state.finished
 
 
+def test_testing_untrained_weights_says_so_and_the_report_leaves_the_run_out(tmp_path):
+    # cli.py test without --ckpt_path scored a random CNN into a results.json that report.py counted as a run
+    fitted = run_cli("fit", "--config", "configs/quickstart.yaml", "--trainer.max_epochs", "1", "--log_dir",
+                     str(tmp_path), "--trainer.enable_progress_bar", "false", "--figures.enabled", "false")
+    assert fitted.returncode == 0, fitted.stderr[-2000:]
+    newest = max(glob.glob(str(tmp_path / "quickstart" / "*" / "checkpoints" / "*.ckpt")), key=os.path.getmtime)
+    result = run_cli("test", "--config", "configs/quickstart.yaml", "--log_dir", str(tmp_path),
+                     "--trainer.enable_progress_bar", "false", "--figures.enabled", "false")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (warning,) = [line for line in result.stderr.splitlines() if line.startswith("warning: no --ckpt_path")]
+    assert warning == ("warning: no --ckpt_path: cli.py test scores the untrained (random) weights of CNN; to score a "
+                       "fit, give --ckpt_path <run>/checkpoints/<best or last>.ckpt (the newest of this experiment: "
+                       f"{newest})")
+    tested = result.stdout.strip().splitlines()[-1].removeprefix("Run directory: ")
+    assert json.load(open(os.path.join(tested, "results.json")))["untrained"] is True
+    report = subprocess.run([sys.executable, "report.py", str(tmp_path), "--out", str(tmp_path / "report.md")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0 and f"skipping {tested}/results.json: scores untrained weights" in report.stderr
+    assert "read 1 runs" in report.stdout + report.stderr
+
+
 def test_one_test_pass_when_last_ckpt_holds_the_best_step(tmp_path, capsys):
     # one epoch: the best checkpoint and last.ckpt hold the same step, so the last is not tested again
     run = cli.main(["fit", "--config", "configs/quickstart.yaml", "--trainer.max_epochs", "1",
