@@ -268,10 +268,11 @@ class ExperimentCLI(LightningCLI):
                             f"({datamodule.name}); use the config.yaml saved in that checkpoint's run directory")
 
     def _resumed_run(self) -> Optional[str]:
-        """`fit --ckpt_path <run>/checkpoints/<file>.ckpt` (or `<run>/hpc_ckpt_N.ckpt`) of a run of this experiment
-        under this log_dir, the command an interrupted fit prints: the run goes on in that folder (its version), as a
-        requeued SLURM job's does. In a new folder Lightning's ModelCheckpoint drops its top-k record (the dirpath
-        changed), so "best" became the best epoch since the resume, and TensorBoard split the run in two."""
+        """`fit --ckpt_path <run>/checkpoints/<file>.ckpt` (or `<run>/hpc_ckpt_N.ckpt`) holding the newest state of a
+        run of this experiment under this log_dir, the command an interrupted fit prints: the run goes on in that
+        folder (its version), as a requeued SLURM job's does. In a new folder Lightning's ModelCheckpoint drops its
+        top-k record (the dirpath changed), so "best" became the best epoch since the resume, and TensorBoard split
+        the run in two."""
         path = self._config().get("ckpt_path")
         if self.subcommand != "fit" or not path or not os.path.isfile(path):
             return None
@@ -279,6 +280,19 @@ class ExperimentCLI(LightningCLI):
         parent = os.path.join(self._config().log_dir, self.experiment_name)
         if not os.path.isfile(os.path.join(run, "config.yaml")) or not os.path.isdir(parent) \
                 or not os.path.samefile(os.path.dirname(run), parent):
+            return None
+        # only from the run's newest state: resuming from an older checkpoint (a best one) branches off, into a new
+        # folder, so that the run's later checkpoints are not overwritten
+        steps = []
+        for other in glob.glob(os.path.join(run, "checkpoints", "*.ckpt")) + glob.glob(os.path.join(run, "*.ckpt")):
+            try:
+                steps.append(saved_step(other) or 0)
+            except Exception:  # an unreadable file is no newer state
+                continue
+        try:
+            if (saved_step(path) or 0) < max(steps, default=0):
+                return None
+        except Exception:  # unreadable: _parse_ckpt_path says so in one line
             return None
         if not is_worker_process():  # once, not per DDP rank
             print(f"Resuming in the checkpoint's run folder {run}")

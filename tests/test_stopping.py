@@ -140,6 +140,13 @@ def test_the_printed_resume_goes_on_in_the_run_folder_and_keeps_the_best_checkpo
         (tmp_path / "reference" / "quickstart").iterdir()) / "results.json"))
     assert os.path.basename(results["checkpoints"]["best"]) == "best-epoch00.ckpt"
     assert results["test"] == expected["test"]
+    # from an older checkpoint than the run's newest (its best, epoch 0): a branch, into a folder of its own
+    before = {name: os.path.getmtime(run / "checkpoints" / name) for name in os.listdir(run / "checkpoints")}
+    branched = subprocess.run([*fit, "--log_dir", str(tmp_path / "stopped"), "--ckpt_path", results["checkpoints"]["best"]],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert branched.returncode == 0 and "Resuming in" not in branched.stdout, branched.stderr[-3000:]
+    assert len(list((tmp_path / "stopped" / "quickstart").iterdir())) == 2
+    assert {name: os.path.getmtime(run / "checkpoints" / name) for name in os.listdir(run / "checkpoints")} == before
 
 
 @pytest.mark.slow
