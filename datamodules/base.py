@@ -1,4 +1,6 @@
 """The base LightningDataModule: whole splits as uint8 tensors, transforms on the device."""
+import contextlib
+import fcntl
 import os
 from typing import Literal, Optional, Union
 
@@ -17,6 +19,27 @@ Seed = number_range("Seed", int, 0, 2**32 - 1)  # what numpy accepts (seed_every
 
 def default_data_dir() -> str:
     return os.environ.get("DATA_DIR", "data")
+
+
+@contextlib.contextmanager
+def download_lock(data_dir: str, create: bool):
+    """Held while a dataset is checked and fetched: commands started together (a sweep's array tasks, two
+    terminals) on one data_dir fetched into the same files at once, or read one another's half-written files as
+    present. One waits for the other, then finds the dataset there. A data_dir that is not writable (a read-only
+    shared copy, where nothing is fetched) is not locked; `create` (download on) makes a missing one first."""
+    try:
+        if create:
+            os.makedirs(data_dir, exist_ok=True)
+        handle = open(os.path.join(data_dir, ".download.lock"), "a")
+    except OSError:
+        handle = None
+    try:
+        if handle is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # releases the lock
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -106,15 +129,17 @@ class ImageDataModule(pl.LightningDataModule):
 
     # ---- Lightning hooks ----
     def prepare_data(self) -> None:
-        if self.is_present():
-            return
-        if self.download:
-            try:
-                self.fetch()
-            except Exception as error:  # offline: URLError, RuntimeError from torchvision's mirrors, ...
-                raise UserError(f"{self.missing_message()} ({type(error).__name__})") from None
-        if not self.is_present():
-            raise UserError(self.missing_message())
+        bundled = type(self).fetch is ImageDataModule.fetch  # nothing on disk to fetch (scikit-learn's digits)
+        with contextlib.nullcontext() if bundled else download_lock(self.data_dir, create=self.download):
+            if self.is_present():
+                return
+            if self.download:
+                try:
+                    self.fetch()
+                except Exception as error:  # offline: URLError, RuntimeError from torchvision's mirrors, ...
+                    raise UserError(f"{self.missing_message()} ({type(error).__name__})") from None
+            if not self.is_present():
+                raise UserError(self.missing_message())
 
     def setup(self, stage: Optional[str] = None) -> None:
         if "train" in self.splits:  # idempotent: the whole split stays loaded

@@ -164,3 +164,50 @@ def test_sampler_order_depends_on_seed_and_epoch_only_and_resumes_mid_epoch():
 def test_distributed_shards_are_disjoint():
     shards = [torch.cat(list(EpochBatchSampler(50, 8, True, seed=0, rank=r, world_size=2))) for r in (0, 1)]
     assert len(shards[0]) == len(shards[1]) == 25 and not set(shards[0].tolist()) & set(shards[1].tolist())
+
+
+class SlowFetch(MNISTDataModule):
+    """MNIST whose fetch writes its four files one after the other, each in two halves (a download in progress)."""
+
+    def fetch(self) -> None:
+        import time
+
+        write_mnist(self.data_dir + "/staging", n_train=20, n_test=10)
+        staging, raw = (os.path.join(self.data_dir, *parts, "MNIST", "raw") for parts in (("staging",), ()))
+        os.makedirs(raw, exist_ok=True)
+        for name in sorted(os.listdir(staging)):
+            data = open(os.path.join(staging, name), "rb").read()
+            with open(os.path.join(raw, name), "wb") as f:
+                f.write(data[:len(data) // 2])
+                f.flush()
+                time.sleep(1.0)  # every file of the dataset exists, the last one half-written
+                f.write(data[len(data) // 2:])
+
+
+def test_a_command_finds_a_dataset_another_is_fetching_only_once_it_is_complete(tmp_path):
+    # a sweep's array tasks, or two terminals, on one data_dir: the second read the first's half-written files as
+    # the dataset ("could not read mnist"), or fetched into the same files at once
+    import threading
+    import time
+
+    found = {}
+
+    def prepare_and_load(name: str) -> None:
+        dm = SlowFetch(data_dir=str(tmp_path), download=True, val_size=2)
+        try:
+            dm.prepare_data()
+            dm.setup()
+            found[name] = len(dm.splits["train"]) + len(dm.splits["val"])
+        except UserError as error:
+            found[name] = str(error)
+
+    first = threading.Thread(target=prepare_and_load, args=("first",))
+    first.start()
+    last_file = tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    deadline = time.time() + 60
+    while not last_file.exists():  # the fetch is writing the last file
+        assert time.time() < deadline
+        time.sleep(0.01)
+    prepare_and_load("second")
+    first.join(60)
+    assert found == {"first": 20, "second": 20}
