@@ -40,7 +40,8 @@ from datamodules import ImageDataModule
 from errors import (CommandInterrupted, UserError, check_section_numbers, one_line_errors, one_line_parse_error,
                     user_error_in)
 from lightning_modules import ClassificationModule
-from run_dirs import claim_run_dir, created_run_dirs, forget_run_version, is_worker_process
+from run_dirs import (claim_run_dir, created_run_dirs, forget_run_version, is_worker_process, lock_run_dir,
+                      release_run_dirs)
 
 # --trainer.precision without a GPU (README "Precision"): automatic mixed precision is a GPU speed-up, so the
 # shipped GPU configs (bf16-mixed) fall back to 32-true there with a warning; the "-true" precisions (the model
@@ -170,7 +171,10 @@ class ExperimentCLI(LightningCLI):
                             "results.json, the safe stop on a signal); leave it false. Lightning's bare loop against "
                             "ours: python -m benchmarks.training_loop")
         if trainer_config.logger in (None, True, False):  # a user's own logger chooses its own folder
-            run_dir = claim_run_dir(config.log_dir, self.experiment_name, config.run_version or self._resumed_run())
+            fixed_version = config.run_version or self._resumed_run()
+            run_dir = claim_run_dir(config.log_dir, self.experiment_name, fixed_version)
+            if fixed_version:
+                lock_run_dir(run_dir)
             if trainer_config.logger is not False:
                 kwargs["logger"] = TensorBoardLogger(save_dir=config.log_dir, name=self.experiment_name,
                                                      version=os.path.basename(run_dir), default_hp_metric=False)
@@ -560,6 +564,7 @@ def run_cli(args=None, run: bool = True, from_api: bool = False) -> ExperimentCL
         finally:
             STOP.restore()
             forget_run_version()
+            release_run_dirs()
         discard_run_dirs(created_run_dirs, failed=False, smoke_test=run and getattr(cli, "trainer", None) is not None
                          and bool(cli.trainer.fast_dev_run))
     return cli

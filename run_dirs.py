@@ -1,6 +1,7 @@
 """Run folders: `<log_dir>/<experiment>[-<variant>]/<version>/`, one per run, shared by every DDP rank (whoever
 started it: Lightning, srun or torchrun) and by a requeued SLURM job."""
 import datetime
+import fcntl
 import functools
 import os
 from typing import Optional
@@ -71,6 +72,43 @@ def claim_run_dir(log_dir: str, experiment: str, fixed_version: Optional[str] = 
         except FileExistsError:
             n += 1
             version = f"{base}-{n}"
+
+
+LOCK_NAME = ".lock"
+_held: list = []  # the open lock files of this command's named run folders
+
+
+def lock_run_dir(run_dir: str) -> None:
+    """A folder named by `--run_version` (a sweep point) or by the checkpoint a fit resumes is re-used on purpose;
+    two commands in it at once (a sweep started twice, a resume of a run that is still training) wrote their
+    checkpoints, events and results.json over each other. The command's first process holds an flock on
+    `<run>/.lock` until it ends (its DDP ranks and srun tasks share the folder); a second command is one error
+    line. A requeued SLURM job's earlier processes are gone, and with them their lock."""
+    if is_worker_process() or int(os.environ.get("SLURM_PROCID", "0")) > 0:
+        return
+    try:
+        handle = open(os.path.join(run_dir, LOCK_NAME), "a+")
+    except OSError:  # a folder we cannot write to fails later, with its own line
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        raise UserError(f"the run folder {run_dir} is in use by another command" + (f" (pid {holder})" if holder else "")
+                        + "; wait for it to end or stop it, or give --run_version another name") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    _held.append(handle)
+
+
+def release_run_dirs() -> None:
+    """At the end of a command (a notebook runs several in one process)."""
+    while _held:
+        _held.pop().close()
 
 
 def forget_run_version() -> None:

@@ -352,6 +352,7 @@ def discard_run_dirs(run_dirs: list[str], failed: bool, smoke_test: bool = False
     mistake, or interrupted) before its first checkpoint, when it holds nothing at all, or after a fast_dev_run
     smoke test. A crash (our bug, not the user's) and a diverged run keep theirs."""
     for run_dir in run_dirs:
-        if smoke_test or not any(files for _, _, files in os.walk(run_dir)) or (failed and not _has_checkpoints(run_dir)):
+        empty = not any(name != ".lock" for _, _, files in os.walk(run_dir) for name in files)  # run_dirs.LOCK_NAME
+        if smoke_test or empty or (failed and not _has_checkpoints(run_dir)):
             shutil.rmtree(run_dir, ignore_errors=True)
     run_dirs.clear()

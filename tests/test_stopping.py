@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -306,3 +307,33 @@ def test_staying_early_stopping_keeps_lightnings_state_key():
     # checkpoints written with Lightning's EarlyStopping restore into ours, and back
     assert StayingEarlyStopping(monitor="val/acc", mode="max").state_key == \
         EarlyStopping(monitor="val/acc", mode="max").state_key
+
+
+@pytest.mark.slow
+def test_a_second_command_in_a_run_folder_that_is_in_use_is_one_line_and_the_first_goes_on(tmp_path):
+    # a sweep started twice, or the resume of a run still training: both wrote one folder's checkpoints and results
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    fit = [sys.executable, "cli.py", "fit", *QUICK, "--log_dir", str(tmp_path), "--run_version", "shared"]
+    run = tmp_path / "quickstart" / "shared"
+    first = subprocess.Popen([*fit, "--trainer.max_epochs", "1000", "--early_stopping.patience", "1000"], cwd=ROOT,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):  # until it trains
+            if (run / "checkpoints" / "last.ckpt").exists():
+                break
+            time.sleep(0.1)
+        second = subprocess.run(fit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
+        assert second.stderr.strip().splitlines()[-1] == (
+            f"error: the run folder {run} is in use by another command (pid {first.pid}); wait for it to end or stop "
+            "it, or give --run_version another name")
+        assert first.poll() is None  # untouched, still training
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert first.returncode == 130
+    last = run / "checkpoints" / "last.ckpt"
+    steps = torch.load(last, weights_only=True)["global_step"] + 4
+    resumed = subprocess.run([*fit, "--trainer.max_epochs", "1000", "--trainer.max_steps", str(steps), "--ckpt_path",
+                              str(last)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]  # the lock ended with its command
