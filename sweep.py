@@ -12,6 +12,7 @@ the others afresh; a resubmitted array holds only the unfinished points.
 """
 import argparse
 import contextlib
+import fcntl
 import io
 import itertools
 import json
@@ -326,7 +327,29 @@ def main(argv=None) -> int:
             return 0
         if args.slurm:
             return submit(args.sweep, points, args.slurm, args.max_parallel, shlex.split(args.sbatch_options))
-        return run_here(args.sweep, points)
+        with sweep_lock(points):
+            return run_here(args.sweep, points)
+
+
+@contextlib.contextmanager
+def sweep_lock(points):
+    """One local run of a sweep at a time: a second one (another terminal, a notebook) took the points the first had
+    not reached yet, and each then failed the other's running point ("the run folder ... is in use")."""
+    path = Path(points[0].log_dir) / "sweeps" / f"{points[0].sweep}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            raise UserError(f"sweep {points[0].sweep} is already running here" + (f" (pid {holder})" if holder else "")
+                            + f"; wait for it or stop it, then run this command again ({path})") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
 
 
 if __name__ == "__main__":

@@ -124,6 +124,13 @@ def test_interrupted_sweep_resumes_to_the_results_of_an_uninterrupted_one(tmp_pa
                                stderr=subprocess.PIPE, text=True)
     second = points[1].run_dir / "checkpoints"
     deadline = time.time() + 600
+    while not points[0].run_dir.is_dir():  # running its first point
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    # the same sweep started again meanwhile: it took the points the first had not reached
+    twice = run_sweep(interrupted)
+    assert twice.returncode == 2 and twice.stderr.strip().splitlines()[-1].startswith(
+        f"error: sweep tiny is already running here (pid {process.pid}); wait for it or stop it"), twice.stderr[-3000:]
     while not (second.is_dir() and any(second.glob("best-*.ckpt"))):  # point 1 has finished its first epoch
         assert process.poll() is None and time.time() < deadline
         time.sleep(0.1)
