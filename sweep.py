@@ -34,6 +34,15 @@ from errors import UserError, one_line_errors
 ROOT = Path(__file__).resolve().parent
 SWEEP_KEYS = {"name", "experiments", "base", "overlays", "grid", "seeds", "subcommand", "args"}
 BLOCK_KEYS = {"base", "overlays", "grid", "seeds", "subcommand", "args"}  # what `experiments:` entries may set
+SET_BY_THE_SWEEP = {  # cli.py keys a sweep sets itself (each point's folder and seed), so no grid or args may
+    "seed_everything": "list the seeds under seeds:",
+    "run_version": "each point's run folder is named by the sweep (<sweep>-seed<S>)",
+    "ckpt_path": "the sweep resumes each unfinished point from its own last.ckpt",
+    "experiment": "the run folder is named by it; make one experiments: block (or overlay) per experiment",
+    "variant": "grid values already name the variant; use overlays for named variants",
+    "log_dir": "every point's folder must be known to the sweep; set --log_dir once in args",
+    "config": "list config files as base or overlays",
+}
 
 
 @dataclass
@@ -92,20 +101,42 @@ def _list(value, what: str) -> list:
     return value
 
 
-def _top_level(configs: list[str], args: list[str], key: str, default):
-    """A top-level config key (experiment, variant, log_dir): the last --key override, else the last config's."""
+def _sources(configs: list[str], args: list[str], where: str) -> list:
+    """What sets top-level keys, in cli.py's order: each config, then `args` word by word (a --config in `args`
+    is read at its place, as jsonargparse does)."""
+    sources, i = [("config", config) for config in configs], 0
+    while i < len(args):
+        word = args[i]
+        if word.startswith("--config="):
+            sources.append(("config", word.split("=", 1)[1]))
+        elif word == "--config" and i + 1 < len(args):
+            sources.append(("config", args[i + 1]))
+            i += 1
+        elif word.startswith("--") and "=" in word:
+            sources.append(("arg", tuple(word[2:].split("=", 1))))
+        elif word.startswith("--") and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            sources.append(("arg", (word[2:], args[i + 1])))
+            i += 1
+        i += 1
+    for kind, value in sources:
+        if kind == "config" and not os.path.isfile(value):
+            raise UserError(f"{where}: config {value} does not exist (paths are relative to where you run "
+                            "sweep.py, normally the repository root)")
+    return sources
+
+
+def _top_level(sources: list, key: str, default):
+    """A top-level config key (experiment, variant, log_dir) as cli.py will resolve it: the last source's."""
     value = default
-    for config in configs:
+    for kind, source in sources:
+        if kind == "arg":
+            value = source[1] if source[0] == key else value
+            continue
         try:
-            loaded = yaml.safe_load(open(config)) or {}
+            loaded = yaml.safe_load(open(source)) or {}
         except yaml.YAMLError as error:
-            raise UserError(f"{config} is not valid YAML ({str(error).splitlines()[0]})") from None
+            raise UserError(f"{source} is not valid YAML ({str(error).splitlines()[0]})") from None
         value = loaded.get(key, value) if isinstance(loaded, dict) else value
-    for i, word in enumerate(args):
-        if word == f"--{key}" and i + 1 < len(args):
-            value = args[i + 1]
-        elif word.startswith(f"--{key}="):
-            value = word.split("=", 1)[1]
     return value
 
 
@@ -158,16 +189,20 @@ def load_sweep(path: str) -> list[Point]:
         subcommand = merged.get("subcommand", "fit")
         if subcommand not in ("fit", "test"):
             raise UserError(f"{path}: subcommand must be fit or test, got {subcommand!r}")
+        for key in grid:
+            if str(key).split(".")[0] in SET_BY_THE_SWEEP:
+                raise UserError(f"{path}: grid key {key} cannot vary: {SET_BY_THE_SWEEP[str(key).split('.')[0]]}")
+        for word in args:
+            key = word[2:].split("=", 1)[0].split(".")[0] if word.startswith("--") else None
+            if key in ("seed_everything", "run_version", "ckpt_path"):
+                raise UserError(f"{path}: args cannot set --{key}: {SET_BY_THE_SWEEP[key]}")
         short = short_keys(list(grid))
         for overlay in merged.get("overlays") or [None]:
             configs = [merged["base"]] + ([overlay] if overlay else [])
-            missing = [config for config in configs if not os.path.isfile(config)]
-            if missing:
-                raise UserError(f"{path}: config {missing[0]} does not exist (paths are relative to where you run "
-                                "sweep.py, normally the repository root)")
-            experiment = _top_level(configs, args, "experiment", "experiment")
-            config_variant = _top_level(configs, args, "variant", None)
-            log_dir = _top_level(configs, args, "log_dir", "logs")
+            sources = _sources(configs, args, path)
+            experiment = _top_level(sources, "experiment", "experiment")
+            config_variant = _top_level(sources, "variant", None)
+            log_dir = _top_level(sources, "log_dir", "logs")
             config_name = experiment + (f"-{config_variant}" if config_variant else "")
             for combination in itertools.product(*grid.values()):
                 values = dict(zip(grid, combination))

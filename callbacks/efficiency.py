@@ -24,10 +24,14 @@ class EfficiencyMonitor(pl.Callback):
         self.train_samples_per_epoch = 0
         self.trainable_per_epoch: dict[str, int] = {}
         self._epoch_validation = 0.0
+        self._fit_start = None
 
     def state_dict(self) -> dict:  # a resumed fit keeps adding to the same totals
-        return {k: getattr(self, k) for k in ("fit_seconds", "train_seconds", "samples_seen",
-                                                "train_samples_per_epoch", "trainable_per_epoch")}
+        state = {k: getattr(self, k) for k in ("fit_seconds", "train_seconds", "samples_seen",
+                                                 "train_samples_per_epoch", "trainable_per_epoch")}
+        if self._fit_start is not None:  # saved inside a fit: its seconds so far (a stop never reaches on_fit_end)
+            state["fit_seconds"] += time.perf_counter() - self._fit_start
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.__dict__.update(state_dict)
@@ -72,6 +76,7 @@ class EfficiencyMonitor(pl.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.fit_seconds += time.perf_counter() - self._fit_start
+        self._fit_start = None
 
     def summary(self, trainer: pl.Trainer) -> dict:
         device = trainer.strategy.root_device

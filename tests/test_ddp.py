@@ -248,6 +248,26 @@ def test_throughput_counts_training_time_only(monkeypatch):
     assert model.logged == ("efficiency/images_per_s", 10 * 2 / 2.0)
 
 
+def test_fit_seconds_of_a_resumed_fit_add_up_every_segment(monkeypatch):
+    """A stopped fit never reaches on_fit_end: its checkpoint holds the seconds so far (a scripted clock)."""
+    from types import SimpleNamespace
+
+    from callbacks import efficiency
+
+    clock = iter([0.0, 5.0, 100.0, 103.0])  # first fit starts, its last.ckpt is saved; the resume starts, ends
+    monkeypatch.setattr(efficiency.time, "perf_counter", lambda: next(clock))
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    first = efficiency.EfficiencyMonitor()
+    first.on_fit_start(trainer, None)
+    saved = first.state_dict()
+    assert saved["fit_seconds"] == 5.0
+    resumed = efficiency.EfficiencyMonitor()
+    resumed.load_state_dict(saved)
+    resumed.on_fit_start(trainer, None)
+    resumed.on_fit_end(trainer, None)
+    assert resumed.fit_seconds == 8.0 and resumed.state_dict()["fit_seconds"] == 8.0  # no clock read after the fit
+
+
 @pytest.mark.parametrize("interactive, devices, accelerator, gpus, expected", [
     (True, "auto", "auto", 2, 1), (True, "auto", "gpu", 4, 1), (True, 2, "auto", 2, None),
     (True, "auto", "cpu", 2, None), (True, "auto", "auto", 1, None), (False, "auto", "auto", 2, None)])

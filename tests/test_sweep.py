@@ -57,11 +57,37 @@ def test_shipped_sweep_files_expand(name, monkeypatch):
     ({"base": "configs/nope.yaml"}, "config configs/nope.yaml does not exist"),
     ({"overlay": ["configs/ablations/narrow.yaml"]}, "unknown key 'overlay'"),
     ({"overlays": [None, "configs/quickstart.yaml"]}, "share the run folder"),
+    ({"grid": {"seed_everything": [1, 2]}}, "grid key seed_everything cannot vary: list the seeds under seeds:"),
+    ({"grid": {"log_dir": ["a", "b"]}}, "grid key log_dir cannot vary"),
+    ({"grid": {"experiment": ["a", "b"]}}, "grid key experiment cannot vary"),
+    ({"grid": {"variant": ["a", "b"]}}, "grid key variant cannot vary"),
+    ({"args": ["--seed_everything", "3"]}, "args cannot set --seed_everything"),
+    ({"args": ["--run_version=x"]}, "args cannot set --run_version"),
+    ({"args": ["--config", "configs/nope.yaml"]}, "config configs/nope.yaml does not exist"),
 ])
 def test_bad_sweep_file_is_one_line(tmp_path, monkeypatch, spec, message):
     monkeypatch.chdir(ROOT)
     with pytest.raises(UserError, match=message):
         sweep.load_sweep(write_sweep(tmp_path, **spec))
+
+
+@pytest.mark.parametrize("args", [
+    ["--config", "configs/ablations/narrow.yaml"],
+    ["--config=configs/ablations/narrow.yaml", "--variant", "mine", "--trainer.max_epochs", "1"],
+    ["--experiment", "other", "--config", "configs/ablations/narrow.yaml", "--log_dir=elsewhere"],
+    ["--config", "configs/ablations/narrow.yaml", "--experiment=other", "--trainer.enable_progress_bar", "false"],
+])
+def test_a_point_s_run_folder_is_where_cli_py_puts_it(tmp_path, monkeypatch, capsys, args):
+    """experiment, variant and log_dir as cli.py's parser resolves them, a --config in args included."""
+    import cli
+
+    monkeypatch.chdir(ROOT)
+    point = sweep.load_sweep(write_sweep(tmp_path, args=args, grid={"model.init_args.lr": [0.1, 0.2]}))[1]
+    with pytest.raises(SystemExit):
+        cli.main([*point.cli_args(), "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert point.run_dir == Path(config["log_dir"]) / f"{config['experiment']}-{config['variant']}" / "tiny-seed0"
+    assert config["variant"].endswith("lr=0.2") and config["run_version"] == "tiny-seed0"
 
 
 def test_unknown_grid_key_is_one_line_before_anything_runs(tmp_path, monkeypatch, capsys):
