@@ -183,7 +183,7 @@ def report(runs_or_dir: Union[PathLike, Run, Sequence[Run]], layout: str = "full
     """report.py's tables for a folder of runs (searched recursively) or for the given Runs."""
     from report import FIRST_RUN_HINT
     from reporting.layouts import LAYOUTS, render
-    from reporting.runs import RunFileError, group_runs, load_runs, read_run
+    from reporting.runs import RunFileError, drop_retests, group_runs, load_runs, read_run
 
     if layout not in LAYOUTS:
         raise UserError(f"unknown layout {layout!r}; choose one of {', '.join(sorted(LAYOUTS))}")
@@ -197,6 +197,9 @@ def report(runs_or_dir: Union[PathLike, Run, Sequence[Run]], layout: str = "full
             runs = [read_run(run.run_dir / "results.json") for run in chosen]
         except RunFileError as error:
             raise UserError(f"a run has no readable results.json ({error}); was it tested?") from None
+        runs, skipped = drop_retests(runs)
+        for path, reason in skipped:
+            print(f"skipping {path}: {reason}")
     if not runs:
         raise UserError(f"no results.json under {runs_or_dir}; {FIRST_RUN_HINT}")
     groups, _ = group_runs(runs)

@@ -231,8 +231,13 @@ class ExperimentCLI(LightningCLI):
         fields["efficiency"] = self.efficiency_summary or self.efficiency.summary(trainer)
         if getattr(self, "untrained", False):
             fields["untrained"] = True  # cli.py test without --ckpt_path: report.py leaves it out
-        callback = trainer.checkpoint_callback
-        if callback is not None and callback.best_model_path:
+        callback, tested = trainer.checkpoint_callback, self._config().get("ckpt_path")
+        if self.subcommand == "test" and tested and os.path.isfile(tested):
+            # the checkpoint scored (not the fit's best/last, which testing restores into the callback); report.py
+            # leaves this file out where that checkpoint's own run has a results.json (a re-test, not a new run)
+            fields["tested_checkpoint"] = os.path.abspath(tested)
+            fields["checkpoints"] = {"tested": os.path.abspath(tested)}
+        elif callback is not None and callback.best_model_path:
             fields["checkpoints"] = {"best": callback.best_model_path, "last": callback.last_model_path}
         self.results.write(path, **fields)
         print(f"results: {path}")
@@ -523,6 +528,7 @@ def run_cli(args=None, run: bool = True, from_api: bool = False) -> ExperimentCL
     """The whole command, raising instead of exiting: a UserError for a mistake the user can fix,
     CommandInterrupted after a signal (callbacks/safety.py says what a signal does at each moment). What a
     failed command created and cannot resume from is removed."""
+    matmul_precision = torch.get_float32_matmul_precision()  # restored at the end: a notebook's later cells
     torch.set_float32_matmul_precision("high")
     keep_freed_memory()
     skip_absent_nvml()
@@ -563,11 +569,27 @@ def run_cli(args=None, run: bool = True, from_api: bool = False) -> ExperimentCL
             raise
         finally:
             STOP.restore()
+            torch.set_float32_matmul_precision(matmul_precision)
             forget_run_version()
             release_run_dirs()
         discard_run_dirs(created_run_dirs, failed=False, smoke_test=run and getattr(cli, "trainer", None) is not None
                          and bool(cli.trainer.fast_dev_run))
+    failed = failed_launched_rank(getattr(cli, "trainer", None))
+    if failed:
+        raise CommandInterrupted(failed, 1)
     return cli
+
+
+def failed_launched_rank(trainer) -> Optional[str]:
+    """Rank 0 of Lightning's `ddp` launcher starts the other ranks as its child processes and never waits for them:
+    a rank that failed after rank 0's last collective (predict ends with none) left the command's exit status 0.
+    Wait for them (they finish the same work); a failed one is a line, and the command fails."""
+    launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
+    for rank, process in enumerate(getattr(launcher, "procs", None) or [], start=1):
+        code = process.wait()
+        if code:
+            return f"rank {rank} failed (exit status {code}; its error is above)"
+    return None
 
 
 def main(args=None, run: bool = True) -> ExperimentCLI:

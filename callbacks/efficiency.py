@@ -19,7 +19,9 @@ class EfficiencyMonitor(pl.Callback):
     def __init__(self):
         self.fit_seconds = 0.0
         self.train_seconds = 0.0
-        self.samples_seen = 0
+        self.images_seen = 0  # training images of every rank (a resume may change the number of processes)
+        self.epochs_completed = 0
+        self.fit_devices = None  # the processes of the latest fit (a test of its checkpoint may use others)
         self.epoch_samples = 0
         self.train_samples_per_epoch = 0
         self.trainable_per_epoch: dict[str, int] = {}
@@ -27,17 +29,21 @@ class EfficiencyMonitor(pl.Callback):
         self._fit_start = None
 
     def state_dict(self) -> dict:  # a resumed fit keeps adding to the same totals
-        state = {k: getattr(self, k) for k in ("fit_seconds", "train_seconds", "samples_seen",
-                                                 "train_samples_per_epoch", "trainable_per_epoch")}
+        state = {k: getattr(self, k) for k in ("fit_seconds", "train_seconds", "images_seen", "epochs_completed",
+                                                 "fit_devices", "train_samples_per_epoch", "trainable_per_epoch")}
         if self._fit_start is not None:  # saved inside a fit: its seconds so far (a stop never reaches on_fit_end)
             state["fit_seconds"] += time.perf_counter() - self._fit_start
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.__dict__.update(state_dict)
+        state = dict(state_dict)
+        if "samples_seen" in state:  # an earlier version's checkpoint: one rank's count (exact for one process)
+            state.setdefault("images_seen", state.pop("samples_seen"))
+        self.__dict__.update(state)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._fit_start = time.perf_counter()
+        self.fit_devices = trainer.world_size
         if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
 
@@ -69,8 +75,9 @@ class EfficiencyMonitor(pl.Callback):
         # Lightning validates at the end of the epoch before this hook: throughput counts training time only
         seconds = time.perf_counter() - self._epoch_start - self._epoch_validation
         self.train_seconds += seconds
-        self.samples_seen += self.epoch_samples
         self.train_samples_per_epoch = self.epoch_samples * trainer.world_size
+        self.images_seen += self.train_samples_per_epoch
+        self.epochs_completed += 1
         if seconds > 0:
             pl_module.log("efficiency/images_per_s", self.epoch_samples * trainer.world_size / seconds)
 
@@ -83,13 +90,12 @@ class EfficiencyMonitor(pl.Callback):
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         return {
             "device": device_name(trainer),
-            "devices": trainer.world_size,
+            "devices": self.fit_devices or trainer.world_size,
             "precision": str(trainer.precision),
-            "epochs": trainer.current_epoch,
+            "epochs": max(trainer.current_epoch, self.epochs_completed),
             "train_samples_per_epoch": self.train_samples_per_epoch,
             "trainable_params_per_stage": self.trainable_per_epoch,
             "fit_seconds": round(self.fit_seconds, 2),
-            "throughput_images_per_s": round(self.samples_seen * trainer.world_size / self.train_seconds, 1)
-            if self.train_seconds else None,
+            "throughput_images_per_s": round(self.images_seen / self.train_seconds, 1) if self.train_seconds else None,
             "peak_memory_mb": round(peak, 1) if peak is not None else None,
         }

@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 
 from errors import disk_error
 from lightning_modules.base import count_parameters
+from reporting.runs import run_directory  # noqa: F401  (there: report.py reads it without Lightning)
 
 METRIC_KEYS = ("acc", "precision_macro", "recall_macro", "f1_macro", "loss")
 
@@ -52,9 +53,3 @@ def run_fields(experiment: str, base: str, variant, model: pl.LightningModule, d
     return {"experiment": experiment, "base_experiment": base, "variant": variant, "model": type(model).__name__,
             "dataset": getattr(datamodule, "name", type(datamodule).__name__), "seed": seed, "run_dir": run_dir,
             "params": count_parameters(model)}
-
-
-def run_directory(ckpt_path: str) -> str:
-    """logs/<experiment>/<version> for logs/<experiment>/<version>/checkpoints/<name>.ckpt."""
-    folder = os.path.dirname(os.path.abspath(ckpt_path))
-    return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder

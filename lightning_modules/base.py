@@ -237,6 +237,8 @@ class ClassificationModule(pl.LightningModule):
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         images, labels = batch
+        if len(labels) == 0:  # the empty batch of a rank whose shard is empty (CLIP cannot preprocess it)
+            return {"pred": labels.clone(), "prob": images.new_empty(0, dtype=torch.float32), "target": labels}
         probs = F.softmax(self(images), dim=-1)
         return {"pred": probs.argmax(-1), "prob": probs.max(-1).values, "target": labels}
 

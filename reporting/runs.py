@@ -36,6 +36,7 @@ class Run:
     last_acc: float | None
     efficiency: dict
     finished_at: str
+    tested_checkpoint: str | None = None  # `cli.py test --ckpt_path X`: the checkpoint it scored
 
     @property
     def version(self) -> str:
@@ -100,7 +101,29 @@ def read_run(path: Path) -> Run:
         last_acc=_metrics(data["test"].get("last")).get("acc"),
         efficiency=efficiency,
         finished_at=str(data.get("finished_at") or ""),
+        tested_checkpoint=data["tested_checkpoint"] if isinstance(data.get("tested_checkpoint"), str) else None,
     )
+
+
+def drop_retests(runs: list[Run]) -> tuple[list[Run], list[tuple[Path, str]]]:
+    """A `cli.py test --ckpt_path` of a checkpoint whose own run has a results.json among `runs` re-scores that run:
+    it is not another run of the experiment (as the later run of a seed it would replace the fit's best-checkpoint
+    result by whichever checkpoint was re-tested). (kept, [(path, reason)])."""
+    folders = {os.path.realpath(run.path.parent) for run in runs}
+    kept, skipped = [], []
+    for run in runs:
+        owner = os.path.realpath(run_directory(run.tested_checkpoint)) if run.tested_checkpoint else None
+        if owner and owner != os.path.realpath(run.path.parent) and owner in folders:
+            skipped.append((run.path, f"re-tests {run.tested_checkpoint}; that run's own results.json counts"))
+        else:
+            kept.append(run)
+    return kept, skipped
+
+
+def run_directory(ckpt_path: str) -> str:
+    """logs/<experiment>/<version> for logs/<experiment>/<version>/checkpoints/<name>.ckpt (and .../hpc_ckpt_N.ckpt)."""
+    folder = os.path.dirname(os.path.abspath(ckpt_path))
+    return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
 
 
 def load_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
@@ -111,7 +134,8 @@ def load_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
             runs.append(read_run(path))
         except RunFileError as error:
             skipped.append((path, str(error)))
-    return runs, skipped
+    runs, retests = drop_retests(runs)
+    return runs, sorted(skipped + retests)
 
 
 class RunGroup:

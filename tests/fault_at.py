@@ -23,9 +23,14 @@ ERRORS = {
 
 
 class FaultAt(pl.Callback):
-    def __init__(self, rank: int = 1, step: int = 2, stall: float = 600.0, error: str = "bug"):
+    def __init__(self, rank: int = 1, step: int = 2, stall: float = 600.0, error: str = "bug", predict_end: bool = False):
         assert error in ERRORS, error
-        self.rank, self.step, self.stall, self.error = rank, step, stall, error
+        self.rank, self.step, self.stall, self.error, self.predict_end = rank, step, stall, error, predict_end
+
+    def on_predict_end(self, trainer, pl_module):  # predict_end: fail after the last batch (no collective follows)
+        if self.predict_end and trainer.global_rank == self.rank:
+            time.sleep(1.0)  # rank 0 has ended by now
+            raise ERRORS[self.error](f"on rank {self.rank} after predicting")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step != self.step:

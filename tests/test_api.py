@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+import torch
 from matplotlib.figure import Figure
 
 import api
@@ -54,11 +55,14 @@ def test_fit_returns_the_run_and_test_reuses_its_checkpoint(data_dir, tmp_path, 
     tested = api.test(run.run_dir / "config.yaml", ckpt_path=run.checkpoints["best"], log_dir=str(tmp_path / "t"))
     assert tested.results["test"]["final"]["acc"] == pytest.approx(run.accuracy("best"))
     assert api.Run.load(tested.run_dir) == tested
+    best = os.path.abspath(run.checkpoints["best"])  # the checkpoint it scored, not the fit's restored best/last
+    assert tested.results["tested_checkpoint"] == best and tested.checkpoints == {"tested": best}
 
     markdown = api.report([run, tested])
     assert isinstance(markdown, str) and markdown._repr_markdown_() == markdown
     assert "fashion_mnist_cnn" in markdown and "| fashion_mnist |" in markdown
     assert api.report(tmp_path) == api.report([run, tested])  # a folder: every results.json under it
+    assert api.report([run, tested]) == api.report(run)  # the re-test of run's checkpoint is not another run
 
 
 def test_an_interrupted_fit_says_how_to_resume_with_the_api_and_that_call_resumes(tmp_path):
@@ -74,6 +78,7 @@ def test_an_interrupted_fit_says_how_to_resume_with_the_api_and_that_call_resume
                                   f"api.fit({config!r}, ckpt_path={last!r})")
     resumed = api.fit(config, ckpt_path=last)  # the line's call, as it stands
     assert resumed.run_dir == run and resumed.results["efficiency"]["epochs"] == 2  # the run goes on in its folder
+    assert torch.get_float32_matmul_precision() == "highest"  # the commands' TF32 setting ends with them
 
 
 def test_forced_smoke_overrides_switch_the_data(tmp_path):

@@ -159,6 +159,10 @@ def test_validate_and_predict_run(tiny_clip, data_dir, tmp_path):
     batches = trainer.predict(model, DataLoader(TensorDataset(images, torch.arange(12) % 10), batch_size=5))
     with torch.no_grad():
         assert torch.equal(torch.cat([b["pred"] for b in batches]), model(images).argmax(-1))
+    # the empty batch a DDP rank with an empty predict shard gets (datamodules/loader.py): CLIP cannot preprocess it
+    empty = model.predict_step((torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.int64)), 0)
+    assert {key: (tuple(value.shape), value.dtype) for key, value in empty.items()} == {
+        "pred": ((0,), torch.int64), "prob": ((0,), torch.float32), "target": ((0,), torch.int64)}
 
 
 @pytest.mark.parametrize("override,message", [

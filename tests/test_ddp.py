@@ -256,7 +256,7 @@ def test_fit_seconds_of_a_resumed_fit_add_up_every_segment(monkeypatch):
 
     clock = iter([0.0, 5.0, 100.0, 103.0])  # first fit starts, its last.ckpt is saved; the resume starts, ends
     monkeypatch.setattr(efficiency.time, "perf_counter", lambda: next(clock))
-    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), world_size=1)
     first = efficiency.EfficiencyMonitor()
     first.on_fit_start(trainer, None)
     saved = first.state_dict()
@@ -266,6 +266,41 @@ def test_fit_seconds_of_a_resumed_fit_add_up_every_segment(monkeypatch):
     resumed.on_fit_start(trainer, None)
     resumed.on_fit_end(trainer, None)
     assert resumed.fit_seconds == 8.0 and resumed.state_dict()["fit_seconds"] == 8.0  # no clock read after the fit
+
+
+def test_efficiency_counts_the_images_of_the_processes_that_trained(monkeypatch):
+    """One epoch on 1 process, resumed for one on 2, then tested on 1 or 2: the fit's numbers every time (the test
+    restores the callback's state; its own world size scaled one rank's count before)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from callbacks import efficiency
+
+    class Model(torch.nn.Linear):
+        def log(self, name, value):
+            pass
+
+    monkeypatch.setattr(efficiency.time, "perf_counter", iter(range(0, 100)).__next__)  # 1 s per call
+    model, state = Model(2, 2), None
+    for world_size in (1, 2):
+        trainer = SimpleNamespace(current_epoch=0, world_size=world_size, state=SimpleNamespace(fn=TrainerFn.FITTING),
+                                  strategy=SimpleNamespace(root_device=torch.device("cpu")), precision="32-true")
+        monitor = efficiency.EfficiencyMonitor()
+        if state:
+            monitor.load_state_dict(state)
+        monitor.on_fit_start(trainer, model)
+        monitor.on_train_epoch_start(trainer, model)
+        monitor.on_train_batch_end(trainer, model, None, (None, torch.zeros(10)), 0)  # 10 images on each rank
+        monitor.on_train_epoch_end(trainer, model)  # 1 s
+        state = monitor.state_dict()
+    for world_size in (1, 2):  # cli.py test --ckpt_path: a new trainer, its epoch counter not restored
+        monitor = efficiency.EfficiencyMonitor()
+        monitor.load_state_dict(state)
+        trainer.world_size, trainer.current_epoch = world_size, 0
+        summary = monitor.summary(trainer)
+        assert (summary["devices"], summary["epochs"], summary["train_samples_per_epoch"]) == (2, 2, 20)
+        assert summary["throughput_images_per_s"] == (10 + 20) / 2.0
 
 
 @pytest.mark.parametrize("interactive, devices, accelerator, gpus, expected", [
@@ -310,3 +345,16 @@ def test_a_rank_that_fails_says_why_and_the_others_say_one_line(tmp_path):
     assert len(errors) == 1 and errors[0].startswith("error: the GPU ran out of memory (CUDA out of memory.")
     assert result.stderr.splitlines()[-1].startswith("rank 0 stopped: another rank ended first (its error is "
                                                      "above): ")
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_after_rank_0_ended_fails_the_command(tmp_path):
+    # predict ends with no collective: rank 0 exited 0 while rank 1 raised after its last batch
+    result = subprocess.run([sys.executable, "cli.py", "predict", "--config", "configs/quickstart.yaml", "--log_dir",
+                             str(tmp_path), "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                             "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+                             "--trainer.callbacks+", "tests.fault_at.FaultAt", "--trainer.callbacks.predict_end", "true"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "injected fault on rank 1 after predicting" in result.stderr
+    assert result.stderr.splitlines()[-1] == "rank 1 failed (exit status 1; its error is above)"

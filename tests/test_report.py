@@ -145,6 +145,26 @@ def test_same_seed_twice_keeps_the_later_run(tmp_path, capsys):
     assert "superseded" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("fit_has_results", [True, False])
+def test_a_re_test_of_a_checkpoint_is_not_another_run_of_its_fit(tmp_path, capsys, fit_has_results):
+    """`cli.py test --ckpt_path <fit>/checkpoints/last.ckpt` (later, same seed) replaced the fit's best-checkpoint
+    result; it counts only when the fit has no results.json of its own (a stopped fit, tested by hand)."""
+    logs = tmp_path / "logs"
+    fit = write_run(logs, "cifar100_cnn", "CNN", "cifar100", 0.60, version="fit")
+    retest = write_run(logs, "cifar100_cnn", "CNN", "cifar100", test={"final": {"acc": 0.40}}, version="retest")
+    data = json.loads((retest / "results.json").read_text())
+    tested = str(fit / "checkpoints" / "last.ckpt")
+    (retest / "results.json").write_text(json.dumps({**data, "finished_at": "2026-12-01T00:00:00",
+                                                     "tested_checkpoint": tested}))
+    if not fit_has_results:
+        (fit / "results.json").unlink()
+    _, text = make_report(tmp_path)
+    err = capsys.readouterr().err
+    assert table_row(section(text, "MLP vs CNN"), "cifar100", "CNN")[-1] == ("60.00%" if fit_has_results else "40.00%")
+    assert (f"re-tests {tested}; that run's own results.json counts" in err) == fit_has_results
+    assert "superseded" not in err
+
+
 def test_cifar100_layout_has_five_sections_and_a_budget(tmp_path, logs, capsys):
     code, text = make_report(tmp_path, "--layout", "cifar100")
     assert code == 0
