@@ -574,10 +574,20 @@ def run_cli(args=None, run: bool = True, from_api: bool = False) -> ExperimentCL
             release_run_dirs()
         discard_run_dirs(created_run_dirs, failed=False, smoke_test=run and getattr(cli, "trainer", None) is not None
                          and bool(cli.trainer.fast_dev_run))
+    end_process_group()
     failed = failed_launched_rank(getattr(cli, "trainer", None))
     if failed:
         raise CommandInterrupted(failed, 1)
     return cli
+
+
+def end_process_group() -> None:
+    """Each rank, its command done (past its last collective): gloo's worker threads outlive a process group that
+    nobody destroyed, and a rank that finished its work could abort at exit ("terminate called without an active
+    exception", SIGABRT: pytorch/pytorch#190489), which failed_launched_rank reports as a failed rank. Lightning
+    never destroys it; torch asks every trainer process to, at the end of its main."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def failed_launched_rank(trainer) -> Optional[str]:

@@ -53,9 +53,17 @@ def claim_run_dir(log_dir: str, experiment: str, fixed_version: Optional[str] = 
     if not os.access(parent, os.W_OK):
         raise UserError(f"the log directory {parent} is not writable; choose another with --log_dir")
     version = fixed_version or run_version()
+
+    def mkdir(path: str) -> None:  # another command's discard_run_dirs may remove an empty `parent` at any moment
+        try:
+            os.mkdir(path)
+        except FileNotFoundError:
+            os.makedirs(parent, exist_ok=True)
+            os.mkdir(path)
+
     if fixed_version or os.environ.get("SLURM_JOB_ID") or is_worker_process():  # a requeued SLURM job or any DDP rank: same folder
         try:  # all srun tasks start at once: whichever is first creates it, no "-2" for the others
-            os.mkdir(os.path.join(parent, version))
+            mkdir(os.path.join(parent, version))
             created_run_dirs.append(os.path.join(parent, version))
         except FileExistsError:
             pass
@@ -63,7 +71,7 @@ def claim_run_dir(log_dir: str, experiment: str, fixed_version: Optional[str] = 
     base, n = version, 1
     while True:
         try:
-            os.mkdir(os.path.join(parent, version))
+            mkdir(os.path.join(parent, version))
             created_run_dirs.append(os.path.join(parent, version))
             os.environ["RUN_VERSION"] = version  # DDP workers started by Lightning inherit it
             if torchrun_store() is not None:

@@ -22,8 +22,12 @@ class EfficiencyMonitor(pl.Callback):
         self.images_seen = 0  # training images of every rank (a resume may change the number of processes)
         self.epochs_completed = 0
         self.fit_devices = None  # the processes of the latest fit (a test of its checkpoint may use others)
-        self.epoch_samples = 0
+        self.epoch_samples = 0  # this rank's training images since the epoch (or its resume) started
         self.train_samples_per_epoch = 0
+        # an epoch stopped mid-way (preemption, a step checkpoint) and resumed: what it had done before the stop
+        self.epoch_images_before = 0  # of every rank
+        self.epoch_seconds_before = 0.0  # training only
+        self._in_epoch = False
         self.trainable_per_epoch: dict[str, int] = {}
         self._epoch_validation = 0.0
         self._fit_start = None
@@ -32,7 +36,11 @@ class EfficiencyMonitor(pl.Callback):
         state = {k: getattr(self, k) for k in ("fit_seconds", "train_seconds", "images_seen", "epochs_completed",
                                                  "fit_devices", "train_samples_per_epoch", "trainable_per_epoch")}
         if self._fit_start is not None:  # saved inside a fit: its seconds so far (a stop never reaches on_fit_end)
-            state["fit_seconds"] += time.perf_counter() - self._fit_start
+            now = time.perf_counter()
+            state["fit_seconds"] += now - self._fit_start
+            if self._in_epoch:  # a resume from here goes on with this epoch: its images and seconds so far
+                state["epoch_images_before"] = self._epoch_images()
+                state["epoch_seconds_before"] = self._epoch_seconds(now)
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -50,11 +58,13 @@ class EfficiencyMonitor(pl.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self._epoch_start = time.perf_counter()  # a mid-epoch resume skips on_train_epoch_start
         self._epoch_validation = 0.0
+        self._in_epoch, self._world_size = True, trainer.world_size
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.epoch_samples = 0
+        self.epoch_samples, self.epoch_images_before, self.epoch_seconds_before = 0, 0, 0.0
         self._epoch_start = time.perf_counter()
         self._epoch_validation = 0.0  # seconds of validation inside this epoch (at its end, or val_check_interval)
+        self._in_epoch, self._world_size = True, trainer.world_size
         trainable = count_parameters(pl_module)["trainable"]
         last = list(self.trainable_per_epoch.values())[-1] if self.trainable_per_epoch else None
         if trainable != last:  # a new stage (staged unfreezing) or the first epoch
@@ -71,19 +81,26 @@ class EfficiencyMonitor(pl.Callback):
         if trainer.state.fn == TrainerFn.FITTING:  # not a separate `validate` run (the sanity check: reset later)
             self._epoch_validation += time.perf_counter() - self._validation_start
 
+    def _epoch_images(self) -> int:
+        return self.epoch_images_before + self.epoch_samples * self._world_size
+
+    def _epoch_seconds(self, now: float) -> float:
+        # Lightning validates at the end of the epoch before on_train_epoch_end: training time only
+        return self.epoch_seconds_before + now - self._epoch_start - self._epoch_validation
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        # Lightning validates at the end of the epoch before this hook: throughput counts training time only
-        seconds = time.perf_counter() - self._epoch_start - self._epoch_validation
+        seconds = self._epoch_seconds(time.perf_counter())
+        self._in_epoch = False
         self.train_seconds += seconds
-        self.train_samples_per_epoch = self.epoch_samples * trainer.world_size
+        self.train_samples_per_epoch = self._epoch_images()
         self.images_seen += self.train_samples_per_epoch
         self.epochs_completed += 1
         if seconds > 0:
-            pl_module.log("efficiency/images_per_s", self.epoch_samples * trainer.world_size / seconds)
+            pl_module.log("efficiency/images_per_s", self.train_samples_per_epoch / seconds)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.fit_seconds += time.perf_counter() - self._fit_start
-        self._fit_start = None
+        self._fit_start, self._in_epoch = None, False
 
     def summary(self, trainer: pl.Trainer) -> dict:
         device = trainer.strategy.root_device

@@ -350,9 +350,14 @@ def _has_checkpoints(run_dir: str) -> bool:
 def discard_run_dirs(run_dirs: list[str], failed: bool, smoke_test: bool = False) -> None:
     """What a command leaves behind: a run folder it created is removed when the command failed (a user's
     mistake, or interrupted) before its first checkpoint, when it holds nothing at all, or after a fast_dev_run
-    smoke test. A crash (our bug, not the user's) and a diverged run keep theirs."""
+    smoke test, and with it its experiment folder if no other run is in it. A crash (our bug, not the user's) and a
+    diverged run keep theirs."""
     for run_dir in run_dirs:
         empty = not any(name != ".lock" for _, _, files in os.walk(run_dir) for name in files)  # run_dirs.LOCK_NAME
         if smoke_test or empty or (failed and not _has_checkpoints(run_dir)):
             shutil.rmtree(run_dir, ignore_errors=True)
+            try:  # only if empty; a run claiming a folder in it meanwhile re-creates it (run_dirs.claim_run_dir)
+                os.rmdir(os.path.dirname(run_dir))
+            except OSError:
+                pass
     run_dirs.clear()

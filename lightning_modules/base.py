@@ -282,7 +282,12 @@ class ClassificationModule(pl.LightningModule):
                 parameter.grad = None
 
     def configure_optimizers(self):
-        return self.with_schedule(self.build_optimizer([p for p in self.parameters() if p.requires_grad]))
+        params = [p for p in self.parameters() if p.requires_grad]  # frozen modules and stages not yet unfrozen
+        if not params:  # torch's own error is a traceback: "optimizer got an empty parameter list"
+            raise UserError("nothing to train in the first epoch: every parameter is frozen (the model's freeze "
+                            "list and the StagedUnfreezing stages name every module between them); leave at least "
+                            "one module trainable from epoch 0, e.g. fc", every_rank=True)
+        return self.with_schedule(self.build_optimizer(params))
 
     def build_optimizer(self, params) -> torch.optim.Optimizer:
         hp = self.hparams

@@ -1,4 +1,5 @@
 """A test-only callback (`--trainer.callbacks+ tests.ddp_probe.RankProbe`): what each DDP rank holds and scored."""
+import atexit
 import json
 import os
 
@@ -13,6 +14,15 @@ class RankProbe(pl.Callback):
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
         self.counts = {"val": 0, "test": 0}
+        atexit.register(self._at_exit)
+
+    def _at_exit(self) -> None:
+        """exit-rank<r>.json: whether this rank's process group was still there when its command had returned (gloo
+        threads of one nobody destroyed can abort the process at exit, after its work is done)."""
+        if torch.distributed.is_available() and os.path.isdir(self.out_dir):
+            rank = int(os.environ.get("LOCAL_RANK", "0"))
+            with open(os.path.join(self.out_dir, f"exit-rank{rank}.json"), "w") as f:
+                json.dump({"process_group_alive": torch.distributed.is_initialized()}, f)
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self.counts["val"] = 0  # the last validation pass counts

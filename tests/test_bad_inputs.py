@@ -179,6 +179,26 @@ def test_checkpoint_of_another_dataset(untouched, data_dir, tmp_path):
                             "input 1x8x8 (digits)", untouched)
 
 
+FREEZE_ALL = "[conv1, bn1, layer1, layer2, layer3, layer4, fc]"
+STAGE_ALL = ("trainer:\n  callbacks:\n    - class_path: callbacks.staged_unfreezing.StagedUnfreezing\n"
+             "      init_args: {milestones: [1], stages: [[layer4, fc]]}\n")
+
+
+@pytest.mark.parametrize("how", ["freeze", "stages"])
+def test_nothing_trainable_in_the_first_epoch_is_one_line(how, untouched, data_dir, tmp_path):
+    """The linear probe with its head frozen too, or stages that hold back what the model's freeze left: torch's
+    "optimizer got an empty parameter list" was a traceback."""
+    overlay = tmp_path / "stages.yaml"
+    overlay.write_text(STAGE_ALL)
+    args = (["--model.init_args.freeze", FREEZE_ALL] if how == "freeze" else ["--config", str(overlay)])
+    result = run_cli("fit", "--config", "configs/emnist_resnet18_linear_probe.yaml", *args,
+                     "--model.init_args.weights", "null", "--data.init_args.resize", "32",
+                     "--data.init_args.data_dir", data_dir, "--data.init_args.download", "false",
+                     "--trainer.accelerator", "cpu", "--log_dir", str(untouched[0]))
+    assert_rejected(result, "nothing to train in the first epoch: every parameter is frozen", untouched)
+    assert sorted(os.listdir(untouched[0])) == [os.path.basename(os.path.dirname(untouched[1]))]  # no run folder
+
+
 ENTRY_POINTS = {
     "visual.shapes, missing config": (["-m", "visual.shapes", "--config", "nowhere.yaml"], "config nowhere.yaml"),
     "visual.shapes, bad option": (["-m", "visual.shapes", "--config", "configs/quickstart.yaml",

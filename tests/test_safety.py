@@ -10,9 +10,10 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from callbacks.safety import STOP, NonFiniteLossGuard, SafeInterrupt, TrainingDiverged
+from callbacks.safety import STOP, NonFiniteLossGuard, SafeInterrupt, TrainingDiverged, discard_run_dirs
 from datamodules import DigitsDataModule
 from lightning_modules import CNN
+from run_dirs import claim_run_dir, created_run_dirs
 from tests.conftest import ROOT
 
 
@@ -155,6 +156,32 @@ def test_two_fits_started_together_get_distinct_run_directories(tmp_path):
     folders = sorted(os.listdir(tmp_path / "quickstart"))
     assert len(folders) == 2
     assert all(os.path.isfile(tmp_path / "quickstart" / f / "results.json") for f in folders)
+
+
+def test_a_failed_run_takes_its_empty_experiment_folder_along_and_leaves_other_runs(tmp_path):
+    kept = tmp_path / "kept" / "20260101-000000"
+    kept.mkdir(parents=True)
+    runs = [str(tmp_path / "alone" / "v1"), str(tmp_path / "kept" / "v2")]
+    for run in runs:
+        os.makedirs(run)
+    discard_run_dirs(runs, failed=True)
+    assert sorted(os.listdir(tmp_path)) == ["kept"] and os.listdir(tmp_path / "kept") == [kept.name]
+
+
+def test_a_run_folder_is_claimed_even_if_a_failed_command_removes_its_empty_parent_meanwhile(tmp_path, monkeypatch):
+    mkdir, calls = os.mkdir, []
+
+    def parent_removed_first(path, *args, **kwargs):  # the other command's os.rmdir lands between makedirs and mkdir
+        if not calls and os.path.basename(os.path.dirname(path)) == "quickstart":  # the run's own folder
+            calls.append(path)
+            os.rmdir(os.path.dirname(path))
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", parent_removed_first)
+    monkeypatch.delenv("RUN_VERSION", raising=False)
+    run_dir = claim_run_dir(str(tmp_path), "quickstart")
+    created_run_dirs.clear()
+    assert calls and os.path.isdir(run_dir) and os.path.dirname(run_dir) == str(tmp_path / "quickstart")
 
 
 DDP_NAN_SCRIPT = '''

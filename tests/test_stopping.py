@@ -58,7 +58,7 @@ def test_a_signal_before_training_stops_at_once_and_leaves_nothing(tmp_path, mom
     result = signalled_fit(tmp_path, moment, signum)
     assert result.returncode == 130
     assert last_line(result) == f"interrupted by {signum} before training started: nothing to save"
-    assert not os.listdir(tmp_path / "quickstart")  # the run folder it created is gone
+    assert not (tmp_path / "quickstart").exists()  # the run folder it created is gone, and its parent
 
 
 @pytest.mark.slow
@@ -81,17 +81,21 @@ def final_state(folder) -> dict:
     (run,) = os.listdir(folder / "quickstart")
     last = torch.load(folder / "quickstart" / run / "checkpoints" / "last.ckpt", weights_only=True)
     stopping = {k: v for k, v in last["callbacks"].items() if k.startswith("EarlyStopping")}
-    return {"step": last["global_step"], "weights": last["state_dict"], "early_stopping": stopping}
+    (efficiency,) = [v for k, v in last["callbacks"].items() if k.startswith("EfficiencyMonitor")]
+    counts = {k: efficiency[k] for k in ("images_seen", "epochs_completed", "train_samples_per_epoch")}
+    return {"step": last["global_step"], "weights": last["state_dict"], "early_stopping": stopping,
+            "efficiency": counts}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("moment,extra", [
+    ("training", []),  # step 2 of 6: the resume goes on inside the epoch
     ("last_batch", []),  # the epoch's training is done, its validation not yet run
     ("validation", []),  # the epoch's closing validation, at its first batch
     ("validation", ["--trainer.val_check_interval", "2"]),  # a validation in the middle of the epoch
     ("epoch_end", []),  # the epoch-end hooks: early stopping, checkpoints
     ("last_batch", ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]),
-], ids=["last-batch", "epoch-end-validation", "mid-epoch-validation", "epoch-end-hooks", "last-batch-ddp"])
+], ids=["mid-epoch", "last-batch", "epoch-end-validation", "mid-epoch-validation", "epoch-end-hooks", "last-batch-ddp"])
 def test_a_signal_around_validation_resumes_to_the_uninterrupted_fit(tmp_path, moment, extra):
     # Lightning stops after any validation batch but the last once its SIGTERM flag is set: the epoch then ends
     # without its validation, a resume skips it as done, and early stopping's check at the epoch end failed for
@@ -106,12 +110,14 @@ def test_a_signal_around_validation_resumes_to_the_uninterrupted_fit(tmp_path, m
     (run,) = os.listdir(tmp_path / "stopped" / "quickstart")
     last = tmp_path / "stopped" / "quickstart" / run / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=True)
-    assert checkpoint["global_step"] == (2 if extra[:1] == ["--trainer.val_check_interval"] else 6)
+    assert checkpoint["global_step"] == (2 if moment == "training" or extra[:1] == ["--trainer.val_check_interval"]
+                                         else 6)
     resumed = subprocess.run([*fit, "--ckpt_path", str(last), "--log_dir", str(tmp_path / "resumed")], cwd=ROOT,
                              env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected, final = final_state(tmp_path / "reference"), final_state(tmp_path / "resumed")
     assert final["step"] == expected["step"] == 12 and final["early_stopping"] == expected["early_stopping"]
+    assert final["efficiency"] == expected["efficiency"]  # images of both epochs, the stopped one whole
     assert all(torch.equal(value, expected["weights"][key]) for key, value in final["weights"].items())
 
 
