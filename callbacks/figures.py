@@ -6,6 +6,7 @@ a test-only run writes all seven. From a saved checkpoint afterwards:
 
     python -m visual.figures --ckpt logs/quickstart/<version>/checkpoints/last.ckpt
 """
+import contextlib
 import io
 import os
 from types import SimpleNamespace
@@ -154,8 +155,15 @@ class Figures(pl.Callback):
         fig.savefig(buffer, format="png", dpi=100)  # rendered once, for the file and for TensorBoard
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, f"{stem}.png")
-        with open(path, "wb") as f:
-            f.write(buffer.getvalue())
+        tmp = os.path.join(out_dir, f".{stem}.png.tmp{os.getpid()}")  # a failed write keeps the earlier PNG whole
+        try:
+            with open(tmp, "wb") as f:
+                f.write(buffer.getvalue())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
         for logger in loggers:
             if isinstance(logger, TensorBoardLogger):
                 from PIL import Image

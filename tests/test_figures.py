@@ -199,6 +199,40 @@ def test_models_without_convolutions_skip_those_figures_with_a_note(tmp_path, di
     assert "MLP has no convolution" in figures.notes[0]
 
 
+def test_a_figure_whose_write_fails_keeps_the_earlier_png_whole(tmp_path, digits, monkeypatch):
+    """A full disk mid-write truncated the PNG in place (an earlier run's, a re-test's): written beside, renamed."""
+    model, datamodule = digits
+    confusion = torch.eye(10, dtype=torch.long) * 3
+    Figures().write(model, datamodule, str(tmp_path), "digits_cnn", confusion=confusion, names=("confusion_matrix",))
+    before = (tmp_path / "confusion_matrix.png").read_bytes()
+
+    class FullDisk:
+        def __init__(self, file):
+            self.file = file
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            self.file.write(data[:100])
+            raise OSError(28, "No space left on device")
+
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, mode="r", *a, **k: FullDisk(real_open(path, mode, *a, **k))
+                        if str(path).startswith(str(tmp_path)) and "w" in mode else real_open(path, mode, *a, **k))
+    figures = Figures()
+    written = figures.write(model, datamodule, str(tmp_path), "digits_cnn", confusion=confusion * 2,
+                            names=("confusion_matrix",))
+    monkeypatch.undo()
+    assert written == {} and "No space left on device" in figures.notes[0]
+    assert os.listdir(tmp_path) == ["confusion_matrix.png"]  # no temporary file left either
+    assert (tmp_path / "confusion_matrix.png").read_bytes() == before
+    Image.open(tmp_path / "confusion_matrix.png").verify()
+
+
 def test_scratch_networks_are_walked_layer_by_layer(digits):
     scratch_models = pytest.importorskip("scratch.models")
 
