@@ -102,8 +102,16 @@ class StagedUnfreezing(BaseFinetuning):
             if hasattr(scheduler, "lr_lambdas") and len(scheduler.lr_lambdas) < count:
                 scheduler.lr_lambdas += [scheduler.lr_lambdas[0]] * (count - len(scheduler.lr_lambdas))
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # a resume inside an epoch (or at its end) skips on_train_epoch_start: say which stage it goes on with
+        if trainer.fit_loop.restarted_mid_epoch or trainer.fit_loop.restarted_on_epoch_end:
+            self._announce(trainer, pl_module)
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         super().on_train_epoch_start(trainer, pl_module)  # calls finetune_function for each optimizer
+        self._announce(trainer, pl_module)
+
+    def _announce(self, trainer, pl_module) -> None:
         if self._announced == self.stage:
             return
         self._announced = self.stage

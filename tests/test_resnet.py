@@ -208,7 +208,7 @@ class SaveAtStep(pl.Callback):
             trainer.save_checkpoint(self.path)
 
 
-def test_resume_mid_stage_restores_trainable_set_param_groups_and_ends_identical(data_dir, tmp_path):
+def test_resume_mid_stage_restores_trainable_set_param_groups_and_ends_identical(data_dir, tmp_path, capsys):
     def run(callbacks=(), ckpt_path=None):
         pl.seed_everything(0)
         model, probe, efficiency = resnet(lr=0.01), Probe(), EfficiencyMonitor()
@@ -220,7 +220,10 @@ def test_resume_mid_stage_restores_trainable_set_param_groups_and_ends_identical
     # step 3 = the first of epoch 1's two batches: mid-epoch, in stage 1 (layer4 + fc)
     checkpoint = str(tmp_path / "step3.ckpt")
     straight, _, _ = run([SaveAtStep(3, checkpoint)])
+    capsys.readouterr()
     resumed, probe, trainer = run(ckpt_path=checkpoint)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("StagedUnfreezing")]
+    assert [line.split(":")[1] for line in printed] == [" epoch 1, stage 1/2", " epoch 2, stage 2/2"]  # as it goes on
     assert min(probe.epochs) == 1 and probe.epochs[1]["trainable"] == ["layer4", "fc"]
     assert probe.epochs[1]["layer4_bn_training"] and not probe.epochs[1]["layer3_bn_training"]
     assert probe.epochs[1]["groups"][1] == {id(p) for p in resumed.net.layer4.parameters()}
