@@ -199,6 +199,17 @@ def test_staged_unfreezing_changes_trainable_set_and_param_groups_at_milestones(
     assert values == list(STAGE_COUNTS.values())
 
 
+def test_a_module_frozen_by_the_model_and_named_in_a_stage_trains_from_that_stage(data_dir, tmp_path):
+    model, probe = resnet(freeze=["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]), Probe()
+    callback = StagedUnfreezing(milestones=[2], stages=[["layer4"]])
+    tiny_trainer(tmp_path, [callback, probe]).fit(model, emnist(data_dir))
+    assert [probe.epochs[i]["trainable"] for i in range(3)] == [["fc"], ["fc"], ["layer4", "fc"]]
+    assert not probe.epochs[1]["layer4_bn_training"] and probe.epochs[2]["layer4_bn_training"]
+    assert len(probe.epochs[2]["groups"]) == 2 and probe.epochs[2]["groups"][1] == {
+        id(p) for p in model.net.layer4.parameters()}
+    assert not probe.epochs[2]["layer3_bn_training"]  # what only the model froze stays frozen
+
+
 class SaveAtStep(pl.Callback):
     def __init__(self, step: int, path: str):
         self.step, self.path = step, path
