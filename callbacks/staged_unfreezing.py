@@ -85,6 +85,8 @@ class StagedUnfreezing(BaseFinetuning):
                 extra = {k: v for k, v in head.items() if k not in optimizer.defaults and k != "params"}
                 group = {**extra, "params": params}
                 group.update({k: head[k] * self.lr_ratio for k in LR_KEYS if k in head})
+                if "max_momentum" in head:  # OneCycleLR cycles momentum: the head's value now, not the default
+                    group.update({k: head[k] for k in ("betas", "momentum") if k in head})
                 optimizer.add_param_group(group)
                 self._extend_schedulers(pl_module.trainer, optimizer)
             self.stage += 1

@@ -210,6 +210,21 @@ def test_a_module_frozen_by_the_model_and_named_in_a_stage_trains_from_that_stag
     assert not probe.epochs[2]["layer3_bn_training"]  # what only the model froze stays frozen
 
 
+@pytest.mark.parametrize("optimizer,key", [("adamw", "betas"), ("sgd", "momentum")])
+def test_a_stage_joining_a_one_cycle_schedule_takes_the_heads_momentum_from_its_first_step(
+        optimizer, key, data_dir, tmp_path):
+    class Momenta(pl.Callback):  # what the first step of epoch 1 (the new stage's first) uses
+        def on_train_batch_start(self, trainer, model, batch, batch_idx):
+            if trainer.current_epoch == 1 and batch_idx == 0:
+                self.groups = [group[key] for group in trainer.optimizers[0].param_groups]
+
+    model, momenta = resnet(scheduler="onecycle", optimizer=optimizer), Momenta()
+    tiny_trainer(tmp_path, [StagedUnfreezing(milestones=[1], stages=[["layer4"]]), momenta], max_epochs=2).fit(
+        model, emnist(data_dir))
+    head, stage = momenta.groups
+    assert stage == head and head != torch.optim.AdamW([torch.zeros(1)]).defaults.get(key, 0.9)
+
+
 class SaveAtStep(pl.Callback):
     def __init__(self, step: int, path: str):
         self.step, self.path = step, path
