@@ -92,14 +92,17 @@ def _not_chatter(record) -> bool:
 
 def quiet_lightning_chatter() -> None:
     """Drops `_CHATTER` from Lightning's rank-zero log, torch 2.14's FutureWarning about the `LeafSpec` that
-    Lightning 2.6's batch-size helper (lightning.pytorch.utilities._pytree) still builds, and Lightning's advice to
-    sync the `_SYNCED` values again under DDP; idempotent."""
+    Lightning 2.6's batch-size helper (lightning.pytorch.utilities._pytree) still builds, Lightning's advice to
+    sync the `_SYNCED` values again under DDP and its note that our tests pass `args`. The warning filters are
+    the caller's to scope (run_cli: inside `warnings.catch_warnings()`, so a notebook's own code warns as before);
+    the log filter is idempotent and only ever matches `_CHATTER`."""
     log = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # where every rank_zero_info goes
     if _not_chatter not in log.filters:
         log.addFilter(_not_chatter)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
     warnings.filterwarnings("ignore", message=rf"It is recommended to use `self\.log\('{_SYNCED}")
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
 
 
 def with_safe_plugins(plugins) -> list:
@@ -532,11 +535,10 @@ def run_cli(args=None, run: bool = True, from_api: bool = False) -> ExperimentCL
     torch.set_float32_matmul_precision("high")
     keep_freed_memory()
     skip_absent_nvml()
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # tests pass args
-    quiet_lightning_chatter()
     argv = sys.argv[1:] if args is None else args
     _subcommand[0] = argv[0] if run and argv and not argv[0].startswith("-") else "fit"
     with warnings.catch_warnings():  # the filters below end with the command (a notebook runs several)
+        quiet_lightning_chatter()
         if _subcommand[0] != "fit":  # a checkpoint's top-k bookkeeping that a test/validate/predict never uses
             warnings.filterwarnings("ignore", message="The dirpath has changed from")
         STOP.install()

@@ -71,6 +71,7 @@ def timed_fit(args: list[str], device: torch.device) -> tuple[float, float, str,
 
 
 def main() -> None:
+    cli.quiet_lightning_chatter()  # for the whole script: its fits run after cli.main(run=False) returned
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fast-samples", type=int, default=45_000)  # a CIFAR-10 training split
     parser.add_argument("--resnet-batches", type=int, default=100)

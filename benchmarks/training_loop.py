@@ -137,6 +137,7 @@ def lightning_floor(run, device: torch.device, epochs: int) -> None:
 
 
 def main() -> None:
+    cli.quiet_lightning_chatter()  # for the whole script: its fits run after cli.main(run=False) returned
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=["cifar", "notebook-mnist"], default="cifar")
     parser.add_argument("--samples", type=int, default=0, help="synthetic images; 0: 45,000 (cifar), 7,200 (mnist)")

@@ -122,6 +122,16 @@ def test_testing_another_runs_checkpoint_gives_no_checkpoint_bookkeeping_warning
     assert not [f for f in warnings.filters if f[1] is not None and "dirpath" in f[1].pattern]  # scoped to the command
 
 
+def test_a_command_leaves_the_warning_filters_as_it_found_them(tmp_path):
+    """A notebook runs several commands and its own code between them: a filter of ours that outlived the command
+    hid that code's warnings (Lightning's advice to sync a value, torch's LeafSpec deprecation)."""
+    before = list(warnings.filters)
+    cli.main(["fit", "--config", "configs/quickstart.yaml", "--trainer.max_epochs", "1", "--trainer.limit_train_batches",
+              "2", "--trainer.limit_val_batches", "2", "--log_dir", str(tmp_path), "--trainer.enable_progress_bar",
+              "false", "--figures.enabled", "false"])
+    assert warnings.filters == before
+
+
 def test_predict_and_validate_run_through_the_cli(tmp_path):
     for subcommand in ("validate", "predict"):
         run = cli.main([subcommand, "--config", "configs/quickstart.yaml", "--log_dir", str(tmp_path),
