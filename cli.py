@@ -29,6 +29,7 @@ from callbacks.checkpoint_io import SafeCheckpointIO, resume_hint
 from callbacks.early_stopping import StayingEarlyStopping
 from callbacks.monitoring import improving_mode
 from callbacks.efficiency import EfficiencyMonitor
+from callbacks.predictions import PredictionsFile
 from callbacks.figures import Figures
 from callbacks.progress import LossProgressBar
 from callbacks.results import ResultsFile, run_dir_of, run_directory, run_fields
@@ -192,7 +193,7 @@ class ExperimentCLI(LightningCLI):
         if trainer_config.enable_checkpointing is False:  # Lightning refuses a ModelCheckpoint next to it
             extra_callbacks = [c for c in extra_callbacks if not isinstance(c, BestAndLastCheckpoint)]
         extra_callbacks += [self.results, self.efficiency, ModelSummary(max_depth=3), NonFiniteLossGuard(),
-                            self.interrupt, TrainableSetSync()]
+                            self.interrupt, TrainableSetSync(), PredictionsFile()]  # the last: `predict` only
         self.figures = next((c for c in extra_callbacks if isinstance(c, Figures)), None)
         if self.figures is not None:
             self.figures.curves_after_fit = False  # after_fit tests the checkpoints and the test draws the curves
@@ -541,6 +542,8 @@ def run_cli(args=None, run: bool = True, from_api: bool = False) -> ExperimentCL
         quiet_lightning_chatter()
         if _subcommand[0] != "fit":  # a checkpoint's top-k bookkeeping that a test/validate/predict never uses
             warnings.filterwarnings("ignore", message="The dirpath has changed from")
+        if _subcommand[0] == "predict":  # callbacks/predictions.py finds the indices itself
+            warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
         STOP.install()
         try:
             cli = ExperimentCLI(ClassificationModule, ImageDataModule, subclass_mode_model=True,
@@ -594,7 +597,8 @@ def end_process_group() -> None:
 
 def failed_launched_rank(trainer) -> Optional[str]:
     """Rank 0 of Lightning's `ddp` launcher starts the other ranks as its child processes and never waits for them:
-    a rank that failed after rank 0's last collective (predict ends with none) left the command's exit status 0.
+    a rank that failed after rank 0's last collective (predict: after its predictions were gathered) left the
+    command's exit status 0.
     Wait for them (they finish the same work); a failed one is a line, and the command fails."""
     launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
     for rank, process in enumerate(getattr(launcher, "procs", None) or [], start=1):

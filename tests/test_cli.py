@@ -1,3 +1,4 @@
+import csv
 import glob
 import json
 import os
@@ -132,11 +133,22 @@ def test_a_command_leaves_the_warning_filters_as_it_found_them(tmp_path):
     assert warnings.filters == before
 
 
-def test_predict_and_validate_run_through_the_cli(tmp_path):
+def test_predict_and_validate_run_through_the_cli(tmp_path, capsys):
     for subcommand in ("validate", "predict"):
-        run = cli.main([subcommand, "--config", "configs/quickstart.yaml", "--log_dir", str(tmp_path),
-                        "--trainer.enable_progress_bar", "false"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run = cli.main([subcommand, "--config", "configs/quickstart.yaml", "--log_dir", str(tmp_path),
+                            "--trainer.enable_progress_bar", "false"])
         assert run.trainer.state.finished
+        assert not [w for w in caught if "Couldn't infer the batch indices" in str(w.message)]  # we know them
+    # predict: predictions.csv in its run folder, one row per test image (tests/test_ddp.py checks the values)
+    path = os.path.join(run.trainer.log_dir, "predictions.csv")
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row["index"]) for row in rows] == list(range(len(run.datamodule.splits["test"])))
+    assert set(rows[0]) == {"index", "target", "pred", "prob", "target_name", "pred_name"}
+    out = capsys.readouterr().out
+    assert f"predictions of {len(rows):,} test images, accuracy " in out and path in out
 
 
 def test_testing_untrained_weights_says_so_and_the_report_leaves_the_run_out(tmp_path):

@@ -1,5 +1,6 @@
 """DDP on CPU (gloo) through `python cli.py`: identical ranks after staged unfreezing, every sample scored once,
 and checkpoints that load with fewer CUDA devices than they were saved with."""
+import csv
 import datetime
 import glob
 import json
@@ -14,6 +15,7 @@ import yaml
 from lightning.pytorch.plugins.environments import LightningEnvironment
 
 import cli
+from datamodules import MNISTDataModule
 from datamodules.loader import EpochBatchSampler
 from errors import UserError
 from lightning_modules import CNN
@@ -134,6 +136,39 @@ def test_ddp_test_of_a_checkpoint_matches_one_process(ddp_fit):
         assert sum(c["test"] for c in _counts(ddp_fit / f"probe{devices}", "test")) == N_TEST
     assert scores[1]["acc"] == scores[2]["acc"]
     assert scores[1]["loss"] == pytest.approx(scores[2]["loss"], rel=1e-5)
+
+
+
+def _predictions(result: subprocess.CompletedProcess) -> list[dict]:
+    line = [line for line in result.stdout.splitlines() if line.startswith("predictions of ")][-1]
+    with open(line.rsplit(": ", 1)[1]) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_ddp_predict_writes_every_test_image_once_in_order_as_the_model_predicts_it(ddp_fit):
+    """Each rank predicts its own shard (21 images: 11 and 10); predictions.csv holds them all, in the split's order,
+    equal to the checkpoint's model run over the split in plain torch (and to a 1-process predict)."""
+    tmp_path, ckpt = ddp_fit[0], os.path.join(ddp_fit[1], "checkpoints", "last.ckpt")
+    rows = {devices: _predictions(_cli("predict", "--config", _config(tmp_path, devices, probe=f"predict{devices}"),
+                                       "--ckpt_path", ckpt)) for devices in (1, 2)}
+    model = CNN.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    datamodule = MNISTDataModule(data_dir=str(tmp_path / "data"), download=False, val_size=N_VAL)
+    datamodule.setup()
+    images, labels = datamodule.splits["test"][torch.arange(N_TEST)]
+    with torch.no_grad():
+        probs = torch.softmax(model(datamodule.transform(images)), dim=-1)
+    for got in rows.values():
+        assert [int(row["index"]) for row in got] == list(range(N_TEST))
+        assert [int(row["target"]) for row in got] == labels.tolist()
+        assert [int(row["pred"]) for row in got] == probs.argmax(-1).tolist()
+        assert [float(row["prob"]) for row in got] == pytest.approx(probs.max(-1).values.tolist(), abs=2e-6)
+        assert [row["pred_name"] for row in got] == [datamodule.class_names[k] for k in probs.argmax(-1).tolist()]
+    # limit_predict_batches: the first batch of each rank's shard (8 of its strided indices each)
+    limited = _predictions(_cli("predict", "--config", _config(tmp_path, 2, probe="predict_limited"), "--ckpt_path",
+                                ckpt, "--trainer.limit_predict_batches", "1"))
+    assert [int(row["index"]) for row in limited] == list(range(16))
+    assert [row["pred"] for row in limited] == [row["pred"] for row in rows[1][:16]]
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from callbacks.checkpoint_io import SafeCheckpointIO
+from callbacks.predictions import write_csv
 from callbacks.results import ResultsFile
 from errors import UserError
 from tests.conftest import ROOT
@@ -108,6 +109,19 @@ def test_results_json_on_a_full_disk_keeps_the_earlier_one(tmpfs):
     with pytest.raises(UserError, match=rf"cannot write results.json in {disk} \(No space left on device\)"):
         ResultsFile().write(path, experiment="second", padding="x" * 100_000)
     assert open(path).read() == before and leftovers(disk) == []
+
+
+
+def test_predictions_csv_on_a_full_disk_keeps_the_earlier_one(tmpfs):
+    disk = tmpfs(256)
+    path = os.path.join(disk, "predictions.csv")
+    write_csv(path, [(0, 1, 1, 0.5)], ["a", "b"])
+    before = open(path).read()
+    fill(disk)
+    with pytest.raises(UserError, match=rf"cannot write predictions.csv in {disk} \(No space left on device\)"):
+        write_csv(path, [(i, 0, 1, 0.25) for i in range(50_000)], ["a", "b"])
+    assert open(path).read() == before == "index,target,pred,prob,target_name,pred_name\n0,1,1,0.500000,b,b\n"
+    assert leftovers(disk) == []
 
 
 @pytest.mark.slow
