@@ -396,14 +396,18 @@ def test_a_notebook_on_several_gpus_trains_on_one_unless_told_otherwise(monkeypa
     assert ("note: a notebook trains on one of the" in capsys.readouterr().err) == (expected == 1)
 
 
+
+def quickstart_ddp(subcommand: str, tmp_path, *extra: str) -> subprocess.CompletedProcess:
+    """`cli.py <subcommand>` of the quickstart config on 2 CPU ranks (Lightning's launcher), no progress bar."""
+    return subprocess.run([sys.executable, "cli.py", subcommand, "--config", "configs/quickstart.yaml", "--log_dir",
+                           str(tmp_path), "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                           "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
 @pytest.mark.slow
 def test_a_mistake_every_rank_meets_after_the_launch_is_said_once(tmp_path):
     # a monitored name is checked after the sanity check, when both ranks run: each printed the same error line
-    result = subprocess.run([sys.executable, "cli.py", "fit", "--config", "configs/quickstart.yaml", "--log_dir",
-                             str(tmp_path), "--trainer.strategy", "ddp", "--trainer.devices", "2",
-                             "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-                             "--figures.enabled", "false", "--early_stopping.monitor", "val/los"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = quickstart_ddp("fit", tmp_path, "--figures.enabled", "false", "--early_stopping.monitor", "val/los")
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert errors == ["error: early_stopping.monitor='val/los' is not a metric the model logs; val/ metrics are: "
@@ -414,12 +418,9 @@ def test_a_mistake_every_rank_meets_after_the_launch_is_said_once(tmp_path):
 @pytest.mark.slow
 def test_a_rank_that_fails_says_why_and_the_others_say_one_line(tmp_path):
     # rank 1 runs out of GPU memory; rank 0's next collective breaks: a 57-line gloo traceback before
-    result = subprocess.run([sys.executable, "cli.py", "fit", "--config", "configs/quickstart.yaml", "--log_dir",
-                             str(tmp_path), "--trainer.strategy", "ddp", "--trainer.devices", "2",
-                             "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-                             "--figures.enabled", "false", "--trainer.callbacks+", "tests.fault_at.FaultAt",
-                             "--trainer.callbacks.error", "gpu_oom", "--trainer.callbacks.stall", "0"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = quickstart_ddp("fit", tmp_path, "--figures.enabled", "false", "--trainer.callbacks+",
+                            "tests.fault_at.FaultAt", "--trainer.callbacks.error", "gpu_oom",
+                            "--trainer.callbacks.stall", "0")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: the GPU ran out of memory (CUDA out of memory.")
@@ -429,12 +430,9 @@ def test_a_rank_that_fails_says_why_and_the_others_say_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_a_rank_that_fails_after_rank_0_ended_fails_the_command(tmp_path):
-    # predict ends with no collective: rank 0 exited 0 while rank 1 raised after its last batch
-    result = subprocess.run([sys.executable, "cli.py", "predict", "--config", "configs/quickstart.yaml", "--log_dir",
-                             str(tmp_path), "--trainer.strategy", "ddp", "--trainer.devices", "2",
-                             "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-                             "--trainer.callbacks+", "tests.fault_at.FaultAt", "--trainer.callbacks.predict_end", "true"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # after predict's last collective (the gathering of predictions.csv): rank 0 exited 0 while rank 1 raised
+    result = quickstart_ddp("predict", tmp_path, "--trainer.callbacks+", "tests.fault_at.FaultAt",
+                            "--trainer.callbacks.predict_end", "true")
     assert result.returncode == 1, result.stderr[-3000:]
     assert "injected fault on rank 1 after predicting" in result.stderr
     assert result.stderr.splitlines()[-1] == "rank 1 failed (exit status 1; its error is above)"
