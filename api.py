@@ -5,6 +5,7 @@
     run.results["test"]["best"]["acc"]; run.show(); run.curves()
     api.fit("configs/cifar100_cnn.yaml", "configs/ablations/narrow.yaml")   # overlays, as --config
     api.test("configs/cifar100_clip.yaml")
+    api.predict(run.run_dir / "config.yaml", ckpt_path=run.checkpoints["best"]).predictions()  # one dict per image
     api.report("logs/", layout="cifar100")                                  # Markdown, rendered in Jupyter
 
 Overrides are cli.py's dotted keys (`--trainer.max_epochs 5`); lists and dicts are passed as JSON.
@@ -124,6 +125,17 @@ class Run:
         for path in chosen:
             display(Markdown(f"**{path.stem}** `{path}`"), Image(filename=str(path)))
 
+    def predictions(self) -> list[dict]:
+        """The rows of predictions.csv that `predict` wrote (index, target, pred, prob, target_name, pred_name)."""
+        import csv
+
+        path = self.run_dir / "predictions.csv"
+        if not path.is_file():
+            raise UserError(f"no predictions.csv in {self.run_dir}; api.predict(config, ckpt_path=...) writes one")
+        with open(path, newline="", encoding="utf-8") as f:
+            return [{**row, "index": int(row["index"]), "target": int(row["target"]), "pred": int(row["pred"]),
+                     "prob": float(row["prob"])} for row in csv.DictReader(f)]
+
     def curves(self):
         """Train/val loss and accuracy against the step, from the run's event files (a matplotlib Figure)."""
         from callbacks.figures import read_scalars
@@ -167,6 +179,12 @@ def test(config: PathLike, *overlays: PathLike, **overrides: Any) -> Run:
     """`python cli.py test ...`: a test-only run (CLIP zero-shot) or a checkpoint's (`ckpt_path=run.checkpoints
     ["best"]` with the run's config.yaml)."""
     return _run("test", (config, *overlays), overrides)
+
+
+def predict(config: PathLike, *overlays: PathLike, **overrides: Any) -> Run:
+    """`python cli.py predict ...`: every test image's prediction, in predictions.csv of a new run folder
+    (`ckpt_path=run.checkpoints["best"]` with the run's config.yaml); `Run.predictions()` reads it."""
+    return _run("predict", (config, *overlays), overrides)
 
 
 test.__test__ = False  # pytest: not a test function when a test module imports it

@@ -58,6 +58,15 @@ def test_fit_returns_the_run_and_test_reuses_its_checkpoint(data_dir, tmp_path, 
     best = os.path.abspath(run.checkpoints["best"])  # the checkpoint it scored, not the fit's restored best/last
     assert tested.results["tested_checkpoint"] == best and tested.checkpoints == {"tested": best}
 
+    predicted = api.predict(run.run_dir / "config.yaml", ckpt_path=run.checkpoints["best"],
+                            log_dir=str(tmp_path / "p"))
+    rows = predicted.predictions()
+    assert [row["index"] for row in rows] == list(range(len(rows))) and rows
+    assert sum(row["pred"] == row["target"] for row in rows) / len(rows) == pytest.approx(run.accuracy("best"))
+    assert all(0 < row["prob"] <= 1 and row["pred_name"] for row in rows)
+    with pytest.raises(UserError, match="no predictions.csv in"):
+        run.predictions()
+
     markdown = api.report([run, tested])
     assert isinstance(markdown, str) and markdown._repr_markdown_() == markdown
     assert "fashion_mnist_cnn" in markdown and "| fashion_mnist |" in markdown
