@@ -59,7 +59,7 @@ class PredictionsFile(BasePredictionWriter):
         if isinstance(sampler, EpochBatchSampler):  # the batches this rank predicted (limit_predict_batches: fewer)
             batches = list(sampler)[:len(predictions)]
             index = torch.cat([torch.as_tensor(b, dtype=torch.long).reshape(-1) for b in batches]).tolist()
-        else:  # another loader, one process: the order it gave
+        else:  # another loader: its order, positions strided by rank as torch's DistributedSampler shards
             index = list(range(trainer.global_rank, trainer.world_size * len(pred), trainer.world_size))
         return list(zip(index, target, pred, prob))
 
