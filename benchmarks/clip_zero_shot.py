@@ -133,10 +133,21 @@ def main() -> None:
     distinct = len(set(ours_logits.argmax(-1).tolist()))
     top1 = (ours_logits.argmax(-1) == labels).float().mean().item()
 
-    # fp32 on CPU: the same uint8 kernel on both sides, so every prediction must agree. GPU: bf16 and torchvision's
-    # float resize of uint8 on CUDA (no rounding between the two passes) may flip near-ties of random weights
-    if agree < n * (0.98 if gpu else 1.0):
-        sys.exit(f"error: only {agree}/{n} predictions agree; the two pipelines disagree")
+    # fp32 on CPU: the same uint8 kernel on both sides, so every prediction must agree. GPU: the timed bf16 passes
+    # flip many near-ties of random weights (on an H200 their logits differed by up to 0.012, more than the median
+    # top-1/top-2 gap of 0.004: 92.9% agreed), so the pipelines are compared on an untimed float32 pass, where only
+    # torchvision's float resize of uint8 on CUDA (no rounding between its two passes) differs: 99.85% agreed there
+    checked, checked_n = agree, n
+    if gpu:
+        autocast = torch.autocast(device.type, enabled=False)  # read by ours() and baseline() when they run
+        with torch.no_grad():
+            model.text_features = model.encode_prompts(device).float()
+        fp32_batches = max(1, 2048 // batch)
+        checked_n = min(n, fp32_batches * batch)
+        checked = (torch.cat(ours(fp32_batches)).argmax(-1) == torch.cat(baseline(fp32_batches)).argmax(-1)).sum().item()
+    if checked < checked_n * (0.99 if gpu else 1.0):
+        sys.exit(f"error: only {checked}/{checked_n} predictions agree{' in float32' if gpu else ''}; "
+                 "the two pipelines disagree")
     table = markdown_table(["pipeline", "images/s", "preprocessing only, images/s"], [
         [f"ours: uint8 batch to {device.type}, CLIPZeroShot (fast image processor on the batch)",
          f"{n / ours_s:,.1f}", f"{n / ours_pre_s:,.0f}"],
@@ -148,7 +159,8 @@ def main() -> None:
     notes = (f"{n} CIFAR-sized images (3x32x32 uint8 -> 3x224x224), batch {batch}, ViT-B/32 (random weights), "
              f"100 classes x 18 prompts, {precision}, transformers {__import__('transformers').__version__}; "
              f"median of {repeats} alternating passes after one warmup batch each (preprocessing only: 5). "
-             f"Same predictions: {agree}/{n} argmaxes agree ({distinct} distinct classes predicted; top-1 "
+             + (f"In float32 {checked}/{checked_n} argmaxes agree (untimed); " if gpu else "")
+             + f"Same predictions: {agree}/{n} argmaxes agree ({distinct} distinct classes predicted; top-1 "
              f"{top1:.1%} is chance with random weights), max |logit difference| "
              f"{(ours_logits - base_logits).abs().max():.2e}.")
     report("CLIP zero-shot: batched device preprocessing vs CLIPProcessor on PIL images", table, device, notes,

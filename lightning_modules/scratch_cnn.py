@@ -83,6 +83,13 @@ class ScratchCNN(ClassificationModule):
             raise UserError("the scratch CNN trains on one device only (its hand-written SGD has no gradient "
                             "all-reduce); use --trainer.devices 1")
 
+    def on_fit_start(self) -> None:
+        # 16-mixed brings a GradScaler (MixedPrecision.scaler, public): this model computes in float32 with autocast
+        # off and never scales a loss, and the scaler's unscale_ before each step failed ("_scale is None")
+        plugin = self.trainer.precision_plugin
+        if getattr(plugin, "scaler", None) is not None:
+            plugin.scaler = None  # the plugin then steps the optimizer as at full precision
+
     def configure_optimizers(self):
         hp = self.hparams
         return self.with_schedule(ScratchOptimizer(self.scratch_params.values(), hp.lr, hp.momentum, hp.weight_decay))

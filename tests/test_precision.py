@@ -4,6 +4,7 @@ import json
 import os
 
 import lightning.pytorch as pl
+from lightning.pytorch.plugins import MixedPrecision
 import pytest
 import torch
 
@@ -70,12 +71,17 @@ def test_scratch_cnn_trains_at_true_precisions(tmp_path, precision):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "16-mixed with a GradScaler"])
 def test_scratch_cnn_trains_under_mixed_precision(precision):
-    """Lightning's CPU autocast (bf16; 16-mixed becomes bf16-mixed on a CPU): the scratch CNN turns it off."""
+    """Lightning's CPU autocast (bf16; 16-mixed becomes bf16-mixed on a CPU): the scratch CNN turns it off. On a GPU,
+    16-mixed also brings a GradScaler, whose unscale_ failed ("_scale is None": nothing was scaled, the hand-written
+    backward computes in float32): the CPU plugin with a scaler stands in for it here."""
     model = ScratchCNN(channels=[4], padding=1, num_classes=10, input_shape=(1, 8, 8), lr=0.05, scheduler="none")
     before = model.scratch_params["0_weight"].clone()
-    trainer = pl.Trainer(accelerator="cpu", precision=precision, max_epochs=1, limit_train_batches=2,
+    scaled = precision.endswith("GradScaler")
+    plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))] if scaled else None
+    trainer = pl.Trainer(accelerator="cpu", precision=None if scaled else precision, plugins=plugins, max_epochs=1,
+                         limit_train_batches=2,
                          limit_val_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)
     trainer.fit(model, DigitsDataModule(batch_size=32))
