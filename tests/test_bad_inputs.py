@@ -22,6 +22,7 @@ from callbacks.staged_unfreezing import StagedUnfreezing
 from datamodules import EMNISTDataModule, ImageDataModule
 from errors import UserError
 from lightning_modules import CLIPZeroShot, CNN, MLP, ClassificationModule, ResNet18, ScratchCNN
+from tests import forked
 from tests.conftest import ROOT
 from tests.fixtures import write_mnist
 
@@ -29,7 +30,8 @@ QUICKSTART = ["--config", "configs/quickstart.yaml"]
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    """`python cli.py args...` as a process of its own, forked from one that imported the libraries once."""
+    return forked.run(["cli.py", *args])
 
 
 def snapshot(folder) -> dict:
@@ -40,8 +42,9 @@ def snapshot(folder) -> dict:
 @pytest.fixture(scope="module")
 def earlier_run(tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    result = run_cli("fit", *QUICKSTART, "--trainer.max_epochs", "1", "--log_dir", str(logs),
-                     "--trainer.enable_progress_bar", "false", "--figures.enabled", "false")
+    result = subprocess.run([sys.executable, "cli.py", "fit", *QUICKSTART, "--trainer.max_epochs", "1", "--log_dir",
+                             str(logs), "--trainer.enable_progress_bar", "false", "--figures.enabled", "false"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)  # a real process, once
     assert result.returncode == 0, result.stderr[-2000:]
     run_dir = result.stdout.strip().splitlines()[-1].removeprefix("Run directory: ")
     return logs, run_dir
@@ -213,8 +216,7 @@ ENTRY_POINTS = {
 @pytest.mark.parametrize("case", ENTRY_POINTS)
 def test_every_entry_point_has_the_boundary(case, untouched):
     args, pattern = ENTRY_POINTS[case]
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert_rejected(result, pattern, untouched)
+    assert_rejected(forked.run(args), pattern, untouched)
 
 
 # ---- numeric options: every one has a range, and every range is enforced at parse time ----

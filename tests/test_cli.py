@@ -10,6 +10,7 @@ import warnings
 import pytest
 
 import cli
+from tests import forked
 from tests.conftest import ROOT
 
 EXPERIMENTS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
@@ -31,7 +32,13 @@ def offline_args(config: str) -> list[str]:
 
 
 def run_cli(*args, cwd=ROOT):
+    """A fresh `python cli.py` (what the libraries print at import shows only in a fresh interpreter)."""
     return subprocess.run([sys.executable, "cli.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def forked_cli(*args):
+    """`python cli.py` as a process of its own, forked from one that imported the libraries once."""
+    return forked.run(["cli.py", *args])
 
 
 @pytest.mark.parametrize("config", [c for c in EXPERIMENTS if not any(key in c for key in TEST_ONLY)])
@@ -52,11 +59,14 @@ def test_ablation_overlays_change_one_switch_and_run(overlay, data_dir, tmp_path
     ablated.trainer.fit(ablated.model, datamodule=ablated.datamodule)
 
 
-def test_print_config_works_for_every_config():
+def test_print_config_works_for_every_config(capsys):
+    # in this process (one import, not twenty); test_quickstart_end_to_end prints a config through `python cli.py`
     for config in EXPERIMENTS:
-        result = run_cli("fit", "--config", f"configs/{config}", "--print_config")
-        assert result.returncode == 0, result.stderr
-        assert "class_path: lightning_modules." in result.stdout
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["fit", "--config", f"configs/{config}", "--print_config"])
+        printed = capsys.readouterr()
+        assert exit_.value.code in (0, None), printed.err
+        assert "class_path: lightning_modules." in printed.out, config
 
 
 @pytest.mark.slow
@@ -153,11 +163,11 @@ def test_predict_and_validate_run_through_the_cli(tmp_path, capsys):
 
 def test_testing_untrained_weights_says_so_and_the_report_leaves_the_run_out(tmp_path):
     # cli.py test without --ckpt_path scored a random CNN into a results.json that report.py counted as a run
-    fitted = run_cli("fit", "--config", "configs/quickstart.yaml", "--trainer.max_epochs", "1", "--log_dir",
+    fitted = forked_cli("fit", "--config", "configs/quickstart.yaml", "--trainer.max_epochs", "1", "--log_dir",
                      str(tmp_path), "--trainer.enable_progress_bar", "false", "--figures.enabled", "false")
     assert fitted.returncode == 0, fitted.stderr[-2000:]
     newest = max(glob.glob(str(tmp_path / "quickstart" / "*" / "checkpoints" / "*.ckpt")), key=os.path.getmtime)
-    result = run_cli("test", "--config", "configs/quickstart.yaml", "--log_dir", str(tmp_path),
+    result = forked_cli("test", "--config", "configs/quickstart.yaml", "--log_dir", str(tmp_path),
                      "--trainer.enable_progress_bar", "false", "--figures.enabled", "false")
     assert result.returncode == 0, result.stderr[-2000:]
     (warning,) = [line for line in result.stderr.splitlines() if line.startswith("warning: no --ckpt_path")]
@@ -166,8 +176,7 @@ def test_testing_untrained_weights_says_so_and_the_report_leaves_the_run_out(tmp
                        f"{newest})")
     tested = result.stdout.strip().splitlines()[-1].removeprefix("Run directory: ")
     assert json.load(open(os.path.join(tested, "results.json")))["untrained"] is True
-    report = subprocess.run([sys.executable, "report.py", str(tmp_path), "--out", str(tmp_path / "report.md")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    report = forked.run(["report.py", str(tmp_path), "--out", str(tmp_path / "report.md")])
     assert report.returncode == 0 and f"skipping {tested}/results.json: scores untrained weights" in report.stderr
     assert "read 1 runs" in report.stdout + report.stderr
 
@@ -280,7 +289,7 @@ LIGHTNING_OPTIONS = {
 @pytest.mark.parametrize("case", LIGHTNING_OPTIONS)
 def test_lightning_options_fit_and_test_to_a_results_file(case, tmp_path):
     args, tested = LIGHTNING_OPTIONS[case]
-    result = run_cli("fit", "--config", "configs/quickstart.yaml", "--trainer.max_epochs", "2", "--log_dir",
+    result = forked_cli("fit", "--config", "configs/quickstart.yaml", "--trainer.max_epochs", "2", "--log_dir",
                      str(tmp_path), *QUIET, *args)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     (run_dir,) = glob.glob(str(tmp_path / "quickstart" / "*"))

@@ -11,6 +11,7 @@ import torch
 
 import cli
 from callbacks.safety import STOP
+from tests import forked
 from tests.conftest import ROOT
 
 QUICK = ["--config", "configs/quickstart.yaml", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4",
@@ -20,10 +21,9 @@ QUICK = ["--config", "configs/quickstart.yaml", "--trainer.max_epochs", "2", "--
 
 def signalled_fit(tmp_path, moment: str, signum: str, *extra: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    return subprocess.run([sys.executable, "cli.py", "fit", *QUICK, "--log_dir", str(tmp_path), *extra,
-                           "--trainer.callbacks+", "tests.signal_at.SignalAt", "--trainer.callbacks.moment", moment,
-                           "--trainer.callbacks.signum", signum],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return forked.run(["cli.py", "fit", *QUICK, "--log_dir", str(tmp_path), *extra, "--trainer.callbacks+",
+                       "tests.signal_at.SignalAt", "--trainer.callbacks.moment", moment, "--trainer.callbacks.signum",
+                       signum], env=env)
 
 
 def signalled_ddp_fit(tmp_path, moment: str, target: str, *extra: str, signum: str = "SIGTERM",
@@ -101,9 +101,8 @@ def test_a_signal_around_validation_resumes_to_the_uninterrupted_fit(tmp_path, m
     # without its validation, a resume skips it as done, and early stopping's check at the epoch end failed for
     # want of val/loss. The validation must finish first, and the resumed fit match the uninterrupted one
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    fit = [sys.executable, "cli.py", "fit", *QUICK, "--trainer.limit_train_batches", "6", *extra]
-    reference = subprocess.run([*fit, "--log_dir", str(tmp_path / "reference")], cwd=ROOT, env=env,
-                               capture_output=True, text=True, timeout=300)
+    fit = ["cli.py", "fit", *QUICK, "--trainer.limit_train_batches", "6", *extra]
+    reference = forked.run([*fit, "--log_dir", str(tmp_path / "reference")], env=env)
     assert reference.returncode == 0, reference.stderr[-3000:]
     stopped = signalled_fit(tmp_path / "stopped", moment, "SIGTERM", "--trainer.limit_train_batches", "6", *extra)
     assert stopped.returncode == 130, stopped.stderr[-3000:]
@@ -112,8 +111,7 @@ def test_a_signal_around_validation_resumes_to_the_uninterrupted_fit(tmp_path, m
     checkpoint = torch.load(last, weights_only=True)
     assert checkpoint["global_step"] == (2 if moment == "training" or extra[:1] == ["--trainer.val_check_interval"]
                                          else 6)
-    resumed = subprocess.run([*fit, "--ckpt_path", str(last), "--log_dir", str(tmp_path / "resumed")], cwd=ROOT,
-                             env=env, capture_output=True, text=True, timeout=300)
+    resumed = forked.run([*fit, "--ckpt_path", str(last), "--log_dir", str(tmp_path / "resumed")], env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected, final = final_state(tmp_path / "reference"), final_state(tmp_path / "resumed")
     assert final["step"] == expected["step"] == 12 and final["early_stopping"] == expected["early_stopping"]
@@ -128,9 +126,8 @@ def test_the_printed_resume_goes_on_in_the_run_folder_and_keeps_the_best_checkpo
     # became "best", and results.json tested it
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     extra = ["--trainer.max_epochs", "4", "--checkpoint.mode", "max", "--early_stopping.patience", "10"]
-    fit = [sys.executable, "cli.py", "fit", *QUICK, *extra]
-    reference = subprocess.run([*fit, "--log_dir", str(tmp_path / "reference")], cwd=ROOT, env=env,
-                               capture_output=True, text=True, timeout=300)
+    fit = ["cli.py", "fit", *QUICK, *extra]
+    reference = forked.run([*fit, "--log_dir", str(tmp_path / "reference")], env=env)
     assert reference.returncode == 0, reference.stderr[-3000:]
     stopped = signalled_fit(tmp_path / "stopped", "epoch_end", "SIGTERM", *extra)
     assert stopped.returncode == 130, stopped.stderr[-3000:]
@@ -138,8 +135,7 @@ def test_the_printed_resume_goes_on_in_the_run_folder_and_keeps_the_best_checkpo
     last = str(run / "checkpoints" / "last.ckpt")
     assert last_line(stopped).endswith(f"resume with python cli.py fit --config {run / 'config.yaml'} --ckpt_path {last}")
     # the printed command, less SignalAt (in its config.yaml): the quick-start config with the same log_dir
-    resumed = subprocess.run([*fit, "--log_dir", str(tmp_path / "stopped"), "--ckpt_path", last], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=300)
+    resumed = forked.run([*fit, "--log_dir", str(tmp_path / "stopped"), "--ckpt_path", last], env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming in the checkpoint's run folder {run}" in resumed.stdout
     assert list((tmp_path / "stopped" / "quickstart").iterdir()) == [run] and "dirpath has changed" not in resumed.stderr
@@ -149,8 +145,8 @@ def test_the_printed_resume_goes_on_in_the_run_folder_and_keeps_the_best_checkpo
     assert results["test"] == expected["test"]
     # from an older checkpoint than the run's newest (its best, epoch 0): a branch, into a folder of its own
     before = {name: os.path.getmtime(run / "checkpoints" / name) for name in os.listdir(run / "checkpoints")}
-    branched = subprocess.run([*fit, "--log_dir", str(tmp_path / "stopped"), "--ckpt_path", results["checkpoints"]["best"]],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    branched = forked.run([*fit, "--log_dir", str(tmp_path / "stopped"), "--ckpt_path", results["checkpoints"]["best"]],
+                          env=env)
     assert branched.returncode == 0 and "Resuming in" not in branched.stdout, branched.stderr[-3000:]
     assert len(list((tmp_path / "stopped" / "quickstart").iterdir())) == 2
     assert {name: os.path.getmtime(run / "checkpoints" / name) for name in os.listdir(run / "checkpoints")} == before
@@ -165,9 +161,8 @@ def test_a_signal_inside_a_gradient_accumulation_window_waits_for_its_optimizer_
     # last.ckpt, which Lightning did not count as its own
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     extra = ["--trainer.accumulate_grad_batches", "3", "--trainer.limit_train_batches", "6"]
-    fit = [sys.executable, "cli.py", "fit", *QUICK, *extra]
-    reference = subprocess.run([*fit, "--log_dir", str(tmp_path / "reference")], cwd=ROOT, env=env,
-                               capture_output=True, text=True, timeout=300)
+    fit = ["cli.py", "fit", *QUICK, *extra]
+    reference = forked.run([*fit, "--log_dir", str(tmp_path / "reference")], env=env)
     assert reference.returncode == 0, reference.stderr[-3000:]
     stopped = signalled_fit(tmp_path / "stopped", "second_batch", signum, *extra)
     assert stopped.returncode == 130, stopped.stderr[-3000:]
@@ -177,8 +172,7 @@ def test_a_signal_inside_a_gradient_accumulation_window_waits_for_its_optimizer_
     saved = torch.load(last, weights_only=True)
     assert saved["global_step"] == 1  # after the window's third batch, not its second
     assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] == 3
-    resumed = subprocess.run([*fit, "--log_dir", str(tmp_path / "stopped"), "--ckpt_path", str(last)], cwd=ROOT,
-                             env=env, capture_output=True, text=True, timeout=300)
+    resumed = forked.run([*fit, "--log_dir", str(tmp_path / "stopped"), "--ckpt_path", str(last)], env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not [name for name in os.listdir(run / "checkpoints") if "-v" in name]
     expected, final = final_state(tmp_path / "reference"), final_state(tmp_path / "stopped")
