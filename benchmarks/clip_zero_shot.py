@@ -4,6 +4,7 @@ Example:
     python -m benchmarks.clip_zero_shot                    # CPU: 256 images; prints, appends to benchmarks/RESULTS.md
     python -m benchmarks.clip_zero_shot --device cuda      # GPU: 8192 images, bf16 autocast
     python -m benchmarks.clip_zero_shot --images 512 --no-record
+    python -m benchmarks.clip_zero_shot --size tiny --images 8 --no-record   # a smoke run (the test suite's)
 
 Both sides run the real ViT-B/32 architecture (OpenAI's sizes, random weights, so it builds offline; a tiny
 byte-level tokenizer stands in for the 49k-token one, which only the untimed text side uses) with the same
@@ -33,9 +34,16 @@ VIT_B32 = dict(  # openai/clip-vit-base-patch32's config.json
     text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
                      max_position_embeddings=77),
     projection_dim=512)
+TINY = dict(  # --size tiny: the same image and patch sizes with a 2-layer, 64-wide tower, for the suite's smoke run
+    vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=224, patch_size=32),
+    text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=77),
+    projection_dim=64)
+SIZES = {"vit-b32": VIT_B32, "tiny": TINY}
 
 
-def save_random_vit_b32(folder: str) -> None:
+def save_random_clip(folder: str, sizes: dict = VIT_B32) -> None:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -43,9 +51,9 @@ def save_random_vit_b32(folder: str) -> None:
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     vocab.update({token: i + 2 for i, token in enumerate(chars + [c + "</w>" for c in chars])})
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    text = dict(VIT_B32["text_config"], vocab_size=len(vocab), bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    text = dict(sizes["text_config"], vocab_size=len(vocab), bos_token_id=0, eos_token_id=1, pad_token_id=1)
     torch.manual_seed(0)
-    CLIPModel(CLIPConfig(**dict(VIT_B32, text_config=text))).save_pretrained(folder)
+    CLIPModel(CLIPConfig(**dict(sizes, text_config=text))).save_pretrained(folder)
     CLIPImageProcessor().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
@@ -69,8 +77,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=None, help="default: 256 on CPU, 8192 on GPU")
     parser.add_argument("--batch_size", type=int, default=None, help="default: 64 on CPU, 512 on GPU")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per side (median reported)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="vit-b32",
+                        help="the CLIP's sizes: vit-b32 (default, what RESULTS.md records) or tiny (a smoke run)")
     parser.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
     args = parser.parse_args()
+    if args.size != "vit-b32" and not args.no_record:
+        parser.error("--size tiny is a smoke run: give --no-record too")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible; use --device cpu")
     from transformers import CLIPProcessor
@@ -90,7 +102,7 @@ def main() -> None:
     pil_batches = [[Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images[s:s + batch]]
                    for s in range(0, n, batch)]  # what a torchvision dataset hands a notebook loop
     with tempfile.TemporaryDirectory() as folder:
-        save_random_vit_b32(folder)
+        save_random_clip(folder, SIZES[args.size])
         names = [name.replace("_", " ") for name in CIFAR100_CLASSES]
         model = CLIPZeroShot(model_name_or_path=folder, class_names=names, input_shape=(3, 32, 32),
                              templates="cifar").to(device).eval()
@@ -156,7 +168,8 @@ def main() -> None:
         ["ratio ours / baseline", f"{base_s / ours_s:.2f}", f"{base_pre_s / ours_pre_s:.2f}"],
     ])
     precision = "bf16 autocast" if gpu else "fp32"
-    notes = (f"{n} CIFAR-sized images (3x32x32 uint8 -> 3x224x224), batch {batch}, ViT-B/32 (random weights), "
+    notes = (f"{n} CIFAR-sized images (3x32x32 uint8 -> 3x224x224), batch {batch}, "
+             f"{'ViT-B/32' if args.size == 'vit-b32' else 'a tiny 2-layer CLIP'} (random weights), "
              f"100 classes x 18 prompts, {precision}, transformers {__import__('transformers').__version__}; "
              f"median of {repeats} alternating passes after one warmup batch each (preprocessing only: 5). "
              + (f"In float32 {checked}/{checked_n} argmaxes agree (untimed); " if gpu else "")

@@ -13,7 +13,7 @@ TOY = {
     "input_pipeline": ["--batches", "2", "--repeats", "1"],
     "training_loop": ["--samples", "512", "--repeats", "1", "--control"],
     "scratch_conv": ["--repeats", "1", "--warmup-s", "0", "--images", "128", "--epochs", "1"],
-    "clip_zero_shot": ["--images", "8", "--batch_size", "4", "--repeats", "1"],
+    "clip_zero_shot": ["--size", "tiny", "--images", "8", "--batch_size", "4", "--repeats", "1"],
     "gpu_training": ["--device", "cpu", "--fast-samples", "512", "--resnet-batches", "2", "--resnet-batch-size", "4"],
 }
 
