@@ -75,7 +75,12 @@ class NonFiniteLossGuard(pl.Callback):
             return
         none = 2**30  # "no bad step"
         if pending:
-            finite = torch.isfinite(torch.stack([loss.float().reshape(()) for loss, *_ in pending]))  # (n,)
+            losses = [loss for loss, *_ in pending]
+            if not all(loss.dim() == 0 for loss in losses):  # a (1,)-shaped loss, say
+                losses = [loss.float().reshape(()) for loss in losses]
+            finite = torch.isfinite(torch.stack(losses))  # (n,); stack promotes mixed dtypes
+            if not distributed and bool(finite.all()):  # the common answer in three ops and one host sync
+                return
             steps = torch.arange(len(pending), device=finite.device)
             first = torch.where(finite, torch.full_like(steps, none), steps).min()
         else:

@@ -17,6 +17,16 @@ profiler simple` run still records every hook. The loops call these functions as
 calls them through its module globals, so replacing the module attributes covers every caller. `install()` is
 idempotent and leaves Lightning alone when a function is missing. tests/test_training_loop.py checks the hook
 order and every logged value against Lightning's own functions.
+
+Two more pieces of Lightning's per-step path, each answer the same as Lightning's (measured inside a 2-core CPU fit of
+the notebook ConvNet, where the code runs with cold caches after the backward; benchmarks/RESULTS.md):
+- `_DataHookSelector.get_instance` (trainer/connectors/data_connector.py), asked three times per batch whether the
+  model or the datamodule runs each batch-transfer hook, answered with up to three `is_overridden` calls each time
+  (12-14 us per call): kept per hook for the fit (a selector is built per fit), and asked again when the model or the
+  datamodule, their classes' hook or an instance's own hook attribute changed.
+- `ClosureResult.from_training_step_output` (loops/optimization/automatic.py) divides the loss by the gradient
+  accumulation factor, 1 by default, a new tensor and an autograd node per step that change no value: skipped for a
+  floating-point tensor and a factor of 1 (a dict or anything else goes to Lightning's own code).
 """
 import dis
 import logging
@@ -34,6 +44,11 @@ try:
     from lightning.pytorch.utilities import signature_utils
 except ImportError:  # a Lightning that moved them: keep its own behaviour
     call = signature_utils = None
+try:
+    from lightning.pytorch.loops.optimization.automatic import ClosureResult
+    from lightning.pytorch.trainer.connectors.data_connector import _DataHookSelector
+except ImportError:
+    ClosureResult = _DataHookSelector = None
 
 NAMES = ("_call_callback_hooks", "_call_lightning_module_hook", "_call_strategy_hook")
 _EMPTY: dict = {}  # code object -> whether it does nothing; keyed by code, which holds no class, module or closure
@@ -123,9 +138,58 @@ def _install_signature_cache() -> None:
             module.is_param_in_hook_signature = is_param_in_hook_signature
 
 
+def _hook_state(selector, hook_name: str) -> tuple:
+    """What `get_instance(hook_name)` depends on: the two objects, their classes' hook and their own hook attributes."""
+    model, datamodule = selector.model, selector.datamodule
+    return (model, datamodule, getattr(type(model), hook_name, None), getattr(type(datamodule), hook_name, None),
+            model.__dict__.get(hook_name), datamodule.__dict__.get(hook_name))
+
+
+def _install_hook_selector_cache() -> None:
+    original = getattr(_DataHookSelector, "get_instance", None)
+    if original is None or getattr(original, "_fast_path", False):
+        return
+
+    def get_instance(self, hook_name: str):
+        if self.datamodule is None:  # Lightning answers at once
+            return original(self, hook_name)
+        kept = self.__dict__.setdefault("_fast_instances", {})
+        entry = kept.get(hook_name)
+        state = _hook_state(self, hook_name)
+        if entry is None or len(entry[0]) != len(state) or not all(map(operator.is_, entry[0], state)):
+            entry = kept[hook_name] = (state, original(self, hook_name))  # Lightning's answer (and its warnings)
+        return entry[1]
+
+    get_instance._fast_path = True
+    get_instance.__wrapped__ = original
+    get_instance.__doc__ = original.__doc__
+    _DataHookSelector.get_instance = get_instance
+
+
+def _install_closure_result_fast_path() -> None:
+    original = ClosureResult.__dict__.get("from_training_step_output")
+    if not isinstance(original, classmethod) or getattr(original.__func__, "_fast_path", False):
+        return
+    lightning_function = original.__func__
+
+    def from_training_step_output(cls, training_step_output, normalize: int = 1):
+        if normalize == 1 and type(training_step_output) is torch.Tensor and training_step_output.is_floating_point():
+            return cls(training_step_output, extra={})  # Lightning: cls(training_step_output / 1, extra={})
+        return lightning_function(cls, training_step_output, normalize)
+
+    from_training_step_output._fast_path = True
+    from_training_step_output.__wrapped__ = lightning_function
+    from_training_step_output.__doc__ = lightning_function.__doc__
+    ClosureResult.from_training_step_output = classmethod(from_training_step_output)
+
+
 def install() -> None:
     if signature_utils is not None:
         _install_signature_cache()
+    if _DataHookSelector is not None:
+        _install_hook_selector_cache()
+    if ClosureResult is not None:
+        _install_closure_result_fast_path()
     if call is None or not all(callable(getattr(call, name, None)) for name in NAMES):
         return
     if getattr(call._call_callback_hooks, "_fast_path", False):

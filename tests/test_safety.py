@@ -80,6 +80,25 @@ def test_the_loss_check_syncs_once_per_window_not_per_step(tmp_path, monkeypatch
     assert [n for n in checks if n] == [10, 10, 1]  # 21 steps: two full windows, the rest at the epoch's end
 
 
+@pytest.mark.parametrize("shape", [(), (1,)])
+def test_the_loss_check_names_the_first_bad_step_whatever_the_losses_dtype_and_shape(shape):
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(world_size=1, checkpoint_callback=None)
+    guard = NonFiniteLossGuard()
+    losses = [torch.tensor(0.5).reshape(shape), torch.tensor(0.25, dtype=torch.bfloat16).reshape(shape),
+              torch.tensor(1.0, dtype=torch.float64).reshape(shape)]
+    guard._pending = [(loss, 40 + i, 3, i) for i, loss in enumerate(losses)]
+    guard.check(trainer)  # all finite: nothing raised, the window emptied
+    assert guard._pending == []
+    for bad in (float("nan"), float("inf")):
+        guard._pending = [(loss, 40 + i, 3, i) for i, loss in enumerate([*losses, torch.tensor(bad).reshape(shape),
+                                                                          torch.tensor(float("nan")).reshape(shape)])]
+        with pytest.raises(TrainingDiverged, match=rf"became {bad} in training step 43 \(epoch 3, batch 3\); no "):
+            guard.check(trainer)
+        assert guard._pending == []
+
+
 class InterruptAt(pl.Callback):
     """Sends this process a signal after a given step: Ctrl-C (SIGINT) or a `kill` (SIGTERM)."""
 

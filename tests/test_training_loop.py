@@ -248,16 +248,31 @@ def _recorded_fit(tmp_path, *extra):
     return model, run.trainer, calls
 
 
-def test_fast_hook_dispatch_calls_the_same_hooks_in_the_same_order(tmp_path, monkeypatch):
+def _lightnings_own_loop(monkeypatch) -> None:
+    """Every fast path of lightning_modules/fast_hooks.py replaced by the Lightning function it stands for."""
+    from lightning.pytorch.loops.optimization.automatic import ClosureResult
     from lightning.pytorch.trainer import call
+    from lightning.pytorch.trainer.connectors.data_connector import _DataHookSelector
     from lightning_modules import fast_hooks
 
-    fast_model, fast_trainer, fast_calls = _recorded_fit(tmp_path / "fast")
-    assert fast_hooks._fast(fast_trainer)  # the default profiler: the fast path was taken
     for name in fast_hooks.NAMES:
         assert getattr(call, name)._fast_path
         monkeypatch.setattr(call, name, getattr(call, name).__wrapped__)  # Lightning's own dispatch
-    slow_model, slow_trainer, slow_calls = _recorded_fit(tmp_path / "slow")
+    assert _DataHookSelector.get_instance._fast_path
+    monkeypatch.setattr(_DataHookSelector, "get_instance", _DataHookSelector.get_instance.__wrapped__)
+    fast = ClosureResult.__dict__["from_training_step_output"].__func__
+    assert fast._fast_path
+    monkeypatch.setattr(ClosureResult, "from_training_step_output", classmethod(fast.__wrapped__))
+
+
+@pytest.mark.parametrize("extra", [[], ["--trainer.accumulate_grad_batches", "2"]], ids=["plain", "accumulate"])
+def test_fast_hook_dispatch_calls_the_same_hooks_in_the_same_order(tmp_path, monkeypatch, extra):
+    from lightning_modules import fast_hooks
+
+    fast_model, fast_trainer, fast_calls = _recorded_fit(tmp_path / "fast", *extra)
+    assert fast_hooks._fast(fast_trainer)  # the default profiler: the fast path was taken
+    _lightnings_own_loop(monkeypatch)
+    slow_model, slow_trainer, slow_calls = _recorded_fit(tmp_path / "slow", *extra)
     assert fast_calls == slow_calls and len(fast_calls) > 100
     assert ("callback", "on_train_batch_end", "on_train_batch_end") in fast_calls
     assert ("module", "on_before_backward", "on_before_backward") in fast_calls
@@ -317,6 +332,78 @@ def test_a_profiler_still_sees_every_callback_hook(tmp_path):
         assert f"[Callback]{callback.state_key}.on_train_batch_end" in recorded, callback
     assert any(key.startswith("[LightningModule]") for key in recorded)
     assert any(key.startswith("[Strategy]") for key in recorded)
+
+
+def test_the_batch_hook_selector_answers_as_lightning_and_notices_a_changed_hook():
+    import warnings
+
+    from lightning.pytorch.trainer.connectors.data_connector import _DataHookSelector
+
+    lightning = _DataHookSelector.get_instance.__wrapped__
+
+    class Data(pl.LightningDataModule):
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            return batch
+
+    class Model(pl.LightningModule):
+        def transfer_batch_to_device(self, batch, device, dataloader_idx):
+            return batch
+
+    model, data, other = Model(), Data(), Data()
+    selector = _DataHookSelector(model, data)
+
+    def agrees():
+        for hook in selector._valid_hooks:
+            for _ in range(2):  # the second answer comes from what was kept
+                assert selector.get_instance(hook) is lightning(selector, hook), hook
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's note that the model's transfer hook is used
+        agrees()
+        assert [selector.get_instance(h) for h in selector._valid_hooks] == [model, model, data]
+        data.on_before_batch_transfer = lambda batch, dataloader_idx: batch  # an instance's own hook
+        agrees()
+        assert selector.get_instance("on_before_batch_transfer") is data
+        Data.transfer_batch_to_device = lambda self, batch, device, dataloader_idx: batch  # the class's hook
+        try:
+            agrees()
+            assert selector.get_instance("transfer_batch_to_device") is data
+        finally:
+            del Data.transfer_batch_to_device
+        agrees()
+        selector.datamodule = other  # another datamodule: its own answers
+        agrees()
+        assert selector.get_instance("on_before_batch_transfer") is model
+        selector.datamodule = None
+        agrees()
+        with pytest.raises(ValueError, match="not a shared hook"):
+            _DataHookSelector(model, data).get_instance("training_step")
+
+
+def test_the_closure_result_without_the_division_by_one_holds_the_same_loss_and_gradients():
+    from lightning.pytorch.loops.optimization.automatic import ClosureResult
+
+    lightning = ClosureResult.__dict__["from_training_step_output"].__func__.__wrapped__
+    weight = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
+    cases = [((weight * 2).sum(), 1), ((weight * 2).sum(), 4), ((weight * 2).double().sum(), 1),
+             ({"loss": (weight ** 2).sum(), "extra": 7}, 1), ({"loss": (weight ** 2).sum()}, 3), (None, 1)]
+    for output, normalize in cases:
+        fast = ClosureResult.from_training_step_output(output, normalize)
+        slow = lightning(ClosureResult, output, normalize)
+        assert fast.extra == slow.extra and (fast.closure_loss is None) == (slow.closure_loss is None)
+        if slow.closure_loss is None:
+            continue
+        assert fast.closure_loss.dtype == slow.closure_loss.dtype and torch.equal(fast.closure_loss, slow.closure_loss)
+        assert torch.equal(fast.loss, slow.loss) and not fast.loss.requires_grad
+        fast_grad, = torch.autograd.grad(fast.closure_loss, weight, retain_graph=True)
+        slow_grad, = torch.autograd.grad(slow.closure_loss, weight, retain_graph=True)
+        assert torch.equal(fast_grad, slow_grad)
+        # the fast path hands over the step's own tensor exactly where Lightning would divide by 1
+        assert (fast.closure_loss is output) == (normalize == 1 and isinstance(output, torch.Tensor))
+    integer = ClosureResult.from_training_step_output(torch.tensor(3), 1)  # not floating: Lightning's division
+    assert integer.closure_loss.dtype == lightning(ClosureResult, torch.tensor(3), 1).closure_loss.dtype
+    with pytest.raises(Exception, match="must return a Tensor, a dict, or None"):
+        ClosureResult.from_training_step_output(3.0, 1)
 
 
 def test_empty_hooks_are_recognised_on_their_bytecode():
